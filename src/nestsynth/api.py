@@ -1,0 +1,171 @@
+"""The Python API: ``nestsynth.synthesize`` and the run-directory driver the CLI uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from .config import Config
+from .data import DataBundle, Dataset, load_dataset, split_validation
+from .errors import NestError
+from .registry import ModelSpec, get_model, in_features_of
+from .sparse import SparseMLP, from_sequential
+from .synthesis import Synthesis
+
+DataLike = Any  # (X, y) tensors, a torch Dataset, or a nestsynth Dataset
+
+
+def as_dataset(data: DataLike, what: str) -> Dataset:
+    """Convert ``(X, y)`` or a map-style torch Dataset of (x, y) pairs to tensors.
+
+    Raises:
+        NestError: for anything else, or X and y of different lengths.
+    """
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        X, y = (torch.as_tensor(t) for t in data)
+    elif isinstance(data, torch.utils.data.Dataset):
+        try:
+            items = [data[i] for i in range(len(data))]
+        except TypeError:
+            raise NestError(f"the {what} data must be a map-style Dataset with a length.") from None
+        X = torch.stack([torch.as_tensor(x) for x, _ in items])
+        y = torch.as_tensor([int(t) for _, t in items])
+    else:
+        raise NestError(f"the {what} data must be a tuple (X, y) of tensors or a torch Dataset, "
+                        f"got {type(data).__name__}.")
+    if len(X) != len(y):
+        raise NestError(f"the {what} data has {len(X)} inputs but {len(y)} labels.")
+    return Dataset(X.float(), y.long())
+
+
+def bundle_from(train: DataLike, val: DataLike | None, test: DataLike | None, cfg: Config) -> DataBundle:
+    """A DataBundle from user data; the validation split is carved from ``train`` if absent."""
+    tr = as_dataset(train, "training")
+    va = as_dataset(val, "validation") if val is not None else None
+    te = as_dataset(test, "test") if test is not None else None
+    if va is None:
+        tr, va = split_validation(tr, cfg.data.val_fraction, cfg.data.split_seed)
+    shape = tuple(tr.X.shape[1:])
+    for part, name in ((va, "validation"), (te, "test")):
+        if part is not None and tuple(part.X.shape[1:]) != shape:
+            raise NestError(f"the {name} inputs have shape {tuple(part.X.shape[1:])} but the "
+                            f"training inputs have {shape}.")
+    classes = 1 + max(int(p.y.max()) for p in (tr, va, te) if p is not None and len(p))
+    return DataBundle("user", tr, va, te, shape, classes)
+
+
+def resolve_reference(model: str | nn.Module | ModelSpec, data: DataBundle) -> ModelSpec | SparseMLP:
+    """The reference architecture for this data: a fitted spec or a user's dense MLP.
+
+    Raises:
+        NestError: unknown model, unsupported module, or a shape mismatch with the data.
+    """
+    features = in_features_of(data.input_shape)
+    if isinstance(model, str):
+        model = get_model(model)
+    if isinstance(model, ModelSpec):
+        return model.for_data(features, data.num_classes)
+    ref = model if isinstance(model, SparseMLP) else (
+        from_sequential(model) if isinstance(model, nn.Sequential) else None)
+    if ref is None:
+        raise NestError(f"model must be a registered name, an mlp: spec or an nn.Sequential, got "
+                        f"{type(model).__name__}.")
+    if ref.widths[0] != features or ref.widths[-1] < data.num_classes:
+        raise NestError(f"the model has {ref.widths[0]} inputs and {ref.widths[-1]} outputs, but the "
+                        f"data has {features} features and {data.num_classes} classes.")
+    return ref
+
+
+def synthesize(model: str | nn.Module = "lenet-300-100", train: DataLike | None = None,
+               val: DataLike | None = None, test: DataLike | None = None,
+               config: Config | dict | str | Path | None = None, out: str | Path | None = None,
+               progress: bool = False) -> tuple[SparseMLP, dict]:
+    """Synthesize a compact network with NeST (grow, then prune).
+
+    Args:
+        model: a registered name (``"lenet-300-100"``), an ``"mlp:784-300-100-10"`` spec,
+            or a ``torch.nn.Sequential`` of Linear layers and element-wise activations
+            (its widths and activations are the reference; the seed is derived from it).
+        train: training data as ``(X, y)`` tensors or a torch Dataset; None loads
+            ``config.data.dataset``.
+        val: validation data; None carves ``config.data.val_fraction`` from ``train``.
+        test: test data, used only for the final report.
+        config: a Config, a dict in the TOML layout, a TOML path, or None (defaults).
+        out: run directory for checkpoints, metrics, report and plots (None: memory only).
+        progress: show progress bars.
+
+    Returns:
+        (model, report): the compact SparseMLP and the report (the layout of report.json).
+
+    Example:
+        >>> X, y = torch.randn(600, 20), torch.randint(0, 3, (600,))
+        >>> net, report = nestsynth.synthesize(
+        ...     nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3)), (X, y),
+        ...     config={"growth": {"target": "0.5", "max_iterations": 2}})
+    """
+    cfg = _as_config(config)
+    if train is None:
+        data = load_dataset(cfg.data.dataset, cfg.data.data_dir or None,
+                            val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
+    else:
+        data = bundle_from(train, val, test, cfg)
+    if isinstance(model, str) and cfg.model != model:
+        cfg = config_mod.from_dict({"model": model}, cfg)
+    reference = resolve_reference(model, data)
+    return run_synthesis(cfg, data, reference, Path(out) if out is not None else None, progress=progress)
+
+
+def _as_config(config) -> Config:
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        config_mod.validate(config)
+        return config
+    if isinstance(config, dict):
+        return config_mod.from_dict(config)
+    return config_mod.load(config)
+
+
+def run_synthesis(cfg: Config, data: DataBundle, reference, out: Path | None, *, resume: bool = False,
+                  progress: bool = False, on_iteration=None) -> tuple[SparseMLP, dict]:
+    """Run a synthesis in ``out`` (new, or continued from its last checkpoint)."""
+    job = Synthesis(cfg, data, reference, out, progress=progress, on_iteration=on_iteration)
+    if out is not None:
+        if resume:
+            job.resume(ckpt.safe_load(ckpt.checkpoint_path(out)))
+        else:
+            prepare_new_run(out, cfg)
+    return job.run()
+
+
+def prepare_new_run(out: Path, cfg: Config) -> None:
+    """Create a run directory; refuse to overwrite an existing run.
+
+    Raises:
+        NestError: ``out`` already holds a run or is a file.
+    """
+    if out.exists() and not out.is_dir():
+        raise NestError(f"--out {str(out)!r} is a file, not a directory.")
+    if ckpt.config_path(out).exists() or ckpt.checkpoint_path(out).exists():
+        raise NestError(f"{str(out)!r} already holds a run; continue it with --resume or choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(ckpt.config_path(out), cfg.to_toml())
+
+
+def load_run_config(out: Path) -> Config:
+    """The config of an existing run directory.
+
+    Raises:
+        NestError: ``out`` is not a run directory.
+    """
+    if not ckpt.config_path(out).is_file() or not ckpt.checkpoint_path(out).is_file():
+        raise NestError(f"{str(out)!r} is not a nestsynth run directory (it needs config.toml and "
+                        "checkpoints/last.pt).")
+    return config_mod.load(ckpt.config_path(out))

@@ -1,0 +1,301 @@
+"""Typed configuration for a synthesis run: one dataclass per concern.
+
+A config is read from TOML (``--config FILE``), overridden with ``--set key=value``
+(dotted keys, TOML values) and validated as a whole.  The fully resolved config is
+written back to ``config.toml`` in the run directory, so a run is reproducible from
+that file alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+from .errors import NestError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split and augmented."""
+
+    dataset: str = "digits"
+    data_dir: str = ""  # "" = $NESTSYNTH_DATA_DIR, then ~/.cache/nestsynth
+    val_fraction: float = 0.1  # carved from the training set; decisions use it
+    split_seed: int = 0
+    augment: bool = False  # random affine distortion of training images
+    rotate: float = 10.0  # degrees
+    shift: float = 0.08  # fraction of the image size
+    scale_min: float = 0.92
+    scale_max: float = 1.08
+    shear: float = 8.0  # degrees
+
+
+@dataclass
+class SeedNetConfig:
+    """Seed architecture (paper §3.1, §4.1.1): hidden widths x ratio, connection density."""
+
+    ratio: float = 0.4
+    density: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Training between growth and pruning steps."""
+
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    eval_batch_size: int = 2048
+
+
+@dataclass
+class DenseConfig:
+    """The dense reference, trained only when growth.target = "dense"."""
+
+    epochs: int = 10
+
+
+@dataclass
+class GrowthConfig:
+    """Growth phase (paper §3.2)."""
+
+    enabled: bool = True
+    target: str = "dense"  # "dense" or a validation error as a fraction, e.g. "0.02"
+    max_iterations: int = 10
+    epochs_per_iteration: int = 2
+    score_samples: int = 0  # samples used for gradient scores; 0 = whole training set
+    connections: bool = True
+    connection_fraction: float = 0.02  # of the possible connections, per step
+    connection_scope: str = "global"  # global: one |dL/dw| ranking over all layers; layer: a quota per layer
+    neurons: bool = True
+    neurons_per_step: int = 4  # per hidden layer, per step
+    beta: float = 0.05  # growth ratio: top beta*M*N bridging pairs per new neuron
+    alpha: float = 0.5  # birth strength (Eq. 7)
+    sign: str = "descent"  # descent | paper: sign rule of Algorithm 1 (see growth/neurons.py)
+
+
+@dataclass
+class PruningConfig:
+    """Pruning phase (paper §3.3.1, Policy 4)."""
+
+    enabled: bool = True
+    schedule: str = "constant"  # constant: `rate` of the remaining; cubic: s(t) to final_sparsity
+    rate: float = 0.01
+    final_sparsity: float = 0.9  # cubic only, relative to the post-growth weights
+    schedule_steps: int = 100  # cubic only
+    max_iterations: int = 400
+    retrain_epochs: int = 1
+    recover_epochs: int = 1  # extra epochs tried before pruning comes to rest
+    tolerance: float = 0.002  # allowed rise of the validation error over the target
+    neurons: bool = True
+    neuron_threshold: float = 0.01  # relative to the layer's mean output magnitude
+    min_weights: int = 1  # never prune a layer below this many connections
+    final_epochs: int = 0  # fine-tuning of the kept model (kept only if val improves)
+    final_lr_scale: float = 0.1
+
+
+@dataclass
+class Config:
+    """Everything a synthesis run depends on."""
+
+    model: str = "lenet-300-100"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    seed_net: SeedNetConfig = field(default_factory=SeedNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+
+    # ---- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def digest(self) -> str:
+        """A short hash of everything that determines the result (used to match checkpoints).
+
+        Where the data lives and which device runs the job are left out: a run may be
+        resumed on another machine.
+        """
+        d = self.to_dict()
+        d.pop("device")
+        d["data"].pop("data_dir")
+        return hashlib.sha256(tomli_w.dumps(d).encode()).hexdigest()[:16]
+
+    @property
+    def target_error(self) -> float | None:
+        """The numeric growth target, or None when it is "dense"."""
+        return None if self.growth.target == "dense" else float(self.growth.target)
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type, converting ints to floats."""
+    if get_origin(typ) is Union:
+        typ = next(t for t in get_args(typ) if t is not type(None))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    raise NestError(f"config key {key!r} must be {typ.__name__}, got {value!r}.")
+
+
+def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from nested dicts (TOML layout), on top of ``base``.
+
+    Raises:
+        NestError: on an unknown key or a value of the wrong type.
+    """
+    cfg = dataclasses.replace(base) if base else Config()
+    cfg = _merge(cfg, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _merge(obj: Any, raw: dict[str, Any], prefix: str) -> Any:
+    types = _section_types(type(obj))
+    updates = {}
+    for key, value in raw.items():
+        dotted = prefix + key
+        if key not in types:
+            known = ", ".join(prefix + k for k in types)
+            raise NestError(f"unknown config key {dotted!r}; known keys: {known}.")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise NestError(f"config key {dotted!r} is a section; set {dotted}.<key> instead.")
+            updates[key] = _merge(dataclasses.replace(current), value, dotted + ".")
+        else:
+            updates[key] = _coerce(value, types[key], dotted)
+    return dataclasses.replace(obj, **updates)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None,
+         base: Config | None = None) -> Config:
+    """Load a TOML config file (optional) and apply ``key=value`` overrides.
+
+    Args:
+        path: TOML file, or None for the defaults.
+        overrides: strings such as ``"growth.alpha=0.5"``; the value is read as TOML
+            (numbers, booleans, quoted strings), or as a bare string if that fails.
+        base: config to start from (defaults when None).
+
+    Returns:
+        The validated Config.
+
+    Raises:
+        NestError: unreadable file, malformed override, unknown key, bad value.
+    """
+    cfg = base or Config()
+    if path is not None:
+        cfg = from_dict(read_toml(path), cfg)
+    for item in overrides or []:
+        cfg = from_dict(parse_override(item), cfg)
+    validate(cfg)
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise NestError(f"config file {str(p)!r} does not exist.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
+        raise NestError(f"config file {str(p)!r} is not valid TOML ({exc}).") from None
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """Turn ``"a.b=1"`` into ``{"a": {"b": 1}}``.
+
+    Raises:
+        NestError: when ``item`` has no ``=`` or an empty key.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise NestError(f"--set expects key=value (e.g. growth.alpha=0.5), got {item!r}.")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise NestError(f"{key} = {value!r} is out of range; it must be {valid}.")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks on every numeric option; one sentence for the first failure."""
+    d, s, t, g, p = cfg.data, cfg.seed_net, cfg.train, cfg.growth, cfg.pruning
+    _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+           "device", cfg.device, "auto, cpu or cuda")
+    _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "in [0, 1)")
+    _check(d.rotate >= 0 and d.shear >= 0 and 0 <= d.shift < 1, "data.rotate/shift/shear",
+           (d.rotate, d.shift, d.shear), "non-negative (shift < 1)")
+    _check(0 < d.scale_min <= d.scale_max, "data.scale_min/scale_max", (d.scale_min, d.scale_max),
+           "positive with scale_min <= scale_max")
+    _check(0 < s.ratio <= 1, "seed_net.ratio", s.ratio, "in (0, 1]")
+    _check(0 < s.density <= 1, "seed_net.density", s.density, "in (0, 1]")
+    _check(t.optimizer in ("adam", "sgd"), "train.optimizer", t.optimizer, "adam or sgd")
+    _check(t.lr > 0, "train.lr", t.lr, "positive")
+    _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "in [0, 1)")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "non-negative")
+    _check(t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    _check(cfg.dense.epochs >= 1, "dense.epochs", cfg.dense.epochs, ">= 1")
+    if g.target != "dense":
+        try:
+            tgt = float(g.target)
+        except ValueError:
+            raise NestError(f"growth.target = {g.target!r} must be \"dense\" or an error "
+                            "fraction such as 0.02.") from None
+        _check(0 <= tgt < 1, "growth.target", g.target, "\"dense\" or a fraction in [0, 1)")
+    for key in ("max_iterations", "epochs_per_iteration", "score_samples", "neurons_per_step"):
+        _check(getattr(g, key) >= 0, f"growth.{key}", getattr(g, key), ">= 0")
+    _check(0 <= g.connection_fraction <= 1, "growth.connection_fraction", g.connection_fraction,
+           "in [0, 1]")
+    _check(g.connection_scope in ("global", "layer"), "growth.connection_scope", g.connection_scope,
+           "global or layer")
+    _check(0 < g.beta <= 1, "growth.beta", g.beta, "in (0, 1]")
+    _check(g.alpha > 0, "growth.alpha", g.alpha, "positive")
+    _check(g.sign in ("descent", "paper"), "growth.sign", g.sign, "descent or paper")
+    _check(p.schedule in ("constant", "cubic"), "pruning.schedule", p.schedule, "constant or cubic")
+    _check(0 < p.rate < 1, "pruning.rate", p.rate, "in (0, 1)")
+    _check(0 <= p.final_sparsity < 1, "pruning.final_sparsity", p.final_sparsity, "in [0, 1)")
+    _check(p.schedule_steps >= 1, "pruning.schedule_steps", p.schedule_steps, ">= 1")
+    for key in ("max_iterations", "retrain_epochs", "recover_epochs", "final_epochs"):
+        _check(getattr(p, key) >= 0, f"pruning.{key}", getattr(p, key), ">= 0")
+    _check(p.min_weights >= 1, "pruning.min_weights", p.min_weights, ">= 1")
+    _check(p.tolerance >= 0, "pruning.tolerance", p.tolerance, "non-negative")
+    _check(p.neuron_threshold >= 0, "pruning.neuron_threshold", p.neuron_threshold, "non-negative")
+    _check(p.final_lr_scale > 0, "pruning.final_lr_scale", p.final_lr_scale, "positive")

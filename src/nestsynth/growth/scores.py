@@ -1,0 +1,61 @@
+"""One pass over the training data that yields every score growth needs.
+
+For linear layer ``i`` with input x_i (B, in) and output u_i (B, out), the gradient
+of the mean loss with respect to the *dense* weight is ``delta_i.T @ x_i / N`` with
+``delta_i = dL/du_i`` -- valid at dormant positions too, where a masked weight's
+``.grad`` is zero (Policy 1, Eq. 1).  The bridging gradient of hidden layer h
+(Algorithm 1) is ``delta_{h+1}.T @ x_h / N``: the gradient of a direct connection
+from the neurons feeding layer h to the neurons fed by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class GradientScan:
+    grads: list[torch.Tensor]  # dL/dW_i, (out_i, in_i), dense
+    bridges: list[torch.Tensor]  # G_h, (out_{h+1}, in_h), one per hidden layer
+    samples: int
+
+
+def scan_indices(n: int, max_samples: int, generator: torch.Generator | None) -> torch.Tensor:
+    """All indices, or a random subset of ``max_samples`` (0 means all)."""
+    if max_samples <= 0 or max_samples >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator)[:max_samples].sort().values
+
+
+def gradient_scan(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 2048,
+                  bridges: bool = True) -> GradientScan:
+    """Dense weight gradients, bridging gradients and output statistics over (X, y).
+
+    The model is evaluated in eval mode (batch norm uses running statistics), so the
+    scores are gradients of the function the model computes at inference.
+
+    Args:
+        X: (N, *input_shape) inputs; y: (N,) labels.
+        bridges: also compute the bridging gradients (neuron growth).
+    """
+    was_training = model.training
+    model.eval()
+    n = len(X)
+    grads = [torch.zeros_like(layer.weight) for layer in model.layers]
+    bridge = [torch.zeros(model.layers[h + 1].out_features, model.layers[h].in_features,
+                          device=X.device) for h in range(model.n_hidden)] if bridges else []
+    for start in range(0, n, batch_size):
+        xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+        inputs, outputs = model.trace(xb)
+        loss = F.cross_entropy(outputs[-1], yb, reduction="sum") / n
+        deltas = torch.autograd.grad(loss, outputs)  # dL/du_i, (B, out_i)
+        with torch.no_grad():
+            for i, (d, x) in enumerate(zip(deltas, inputs)):
+                grads[i] += d.T @ x
+            for h in range(len(bridge)):
+                bridge[h] += deltas[h + 1].T @ inputs[h]
+    model.train(was_training)
+    return GradientScan(grads, bridge, n)

@@ -1,0 +1,8 @@
+"""Magnitude-based pruning (paper §3.3, Policy 4): scores first, then selection."""
+
+from .magnitude import prune_smallest, effective_scores
+from .neurons import neurons_to_keep, output_statistics, remove_neurons
+from .schedules import constant_rate_removal, cubic_sparsity, cubic_removal
+
+__all__ = ["prune_smallest", "effective_scores", "neurons_to_keep", "output_statistics", "remove_neurons", "constant_rate_removal",
+           "cubic_sparsity", "cubic_removal"]

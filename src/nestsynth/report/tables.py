@@ -1,0 +1,33 @@
+"""Plain-text tables in the layout of the paper's Table 4."""
+
+from __future__ import annotations
+
+
+def _k(x: float) -> str:
+    return f"{x / 1000:.1f}K" if x >= 1000 else f"{x:.0f}"
+
+
+def format_layer_table(report: dict) -> str:
+    """Per-layer table: weights, Act% and FLOPs (activation-aware), then a summary."""
+    lines = [f"{'Layer':<8}{'In':>6}{'Out':>6}{'#Weights':>10}{'Act%':>7}{'FLOPs':>9}{'FLOPs(act)':>12}"]
+    for r in report["layers"]:
+        act = "-" if r.get("act_pct") is None else f"{r['act_pct']:.0f}%"
+        lines.append(f"{r['name']:<8}{r['in']:>6}{r['out']:>6}{r['weights']:>10}{act:>7}"
+                     f"{_k(r['flops']):>9}{_k(r['flops_act']):>12}")
+    w, f = report["weights"], report["flops"]
+    lines.append(f"{'Total':<8}{'':>6}{'':>6}{w['final']:>10}{'':>7}{_k(f['final']):>9}{_k(f['final_act']):>12}")
+    ref, comp = report["dense_reference"], report["compression"]
+    err = report.get("test_error")
+    lines += [
+        "",
+        f"model {report['model']} on {report['dataset']} (seed {report['seed']})",
+        f"test error: {'-' if err is None else f'{100 * err:.2f}%'}   "
+        f"val error: {100 * (report['val_error'] or 0):.2f}%",
+        f"weights: seed {w['seed']} -> post-growth {w['post_growth']} -> final {w['final']} "
+        f"(parameters incl. biases: {report['parameters_final']})",
+        f"dense reference {'-'.join(map(str, ref['widths']))}: {ref['weights']} weights, {_k(ref['flops'])} FLOPs"
+        + (f", test error {100 * ref['test_error']:.2f}%" if ref.get("test_error") is not None else ""),
+        f"compression: {comp['weights']:.1f}x weights, {comp['flops']:.1f}x FLOPs; "
+        f"wall time {report['wall_seconds']:.0f} s",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,391 @@
+"""The NeST loop: sequences seed -> (dense reference) -> growth -> pruning -> report.
+
+Every unit of work (the dense reference, one growth iteration, one pruning
+iteration, the final fine-tuning) ends with an atomic checkpoint that holds the
+model, the optimizer, the random generator and the loop's plain-data state, so a
+resumed run continues to exactly the result an uninterrupted one reaches.  A NaN
+loss rolls back to the last checkpoint and halves the learning rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data import DataBundle, random_affine
+from .errors import NestError
+from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_connections_global,
+                     grow_neurons)
+from .growth.scores import scan_indices
+from .metrics import activation_density, layer_table, totals
+from .pruning import (constant_rate_removal, cubic_removal, effective_scores, neurons_to_keep,
+                      output_statistics, prune_smallest, remove_neurons)
+from .registry import ModelSpec
+from .seeds import make_seed
+from .sparse import SparseMLP, append_units, set_mask
+from .training import NonFiniteLoss, evaluate, make_optimizer, set_lr, train_epoch
+
+MAX_ROLLBACKS = 4
+
+
+@dataclass
+class LoopState:
+    """Plain-data position of the loop (saved in every checkpoint)."""
+
+    phase: str = "dense"  # dense | growth | pruning | finetune | done
+    iteration: int = 0
+    target: float | None = None
+    bound: float | None = None
+    reached: bool = False
+    accepted_val: float | None = None
+    lr_scale: float = 1.0
+    rollbacks: int = 0
+    elapsed: float = 0.0
+    dense: dict | None = None
+    weights: dict = field(default_factory=dict)
+    widths: dict = field(default_factory=dict)
+    post_growth_layers: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu.
+
+    Raises:
+        NestError: cuda requested but not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NestError(f"device {name!r} was requested but this machine has no CUDA device; use cpu or auto.")
+    return torch.device(name)
+
+
+class Synthesis:
+    """One NeST run.
+
+    Args:
+        cfg: the resolved config.
+        data: train/val/test data.
+        reference: the reference architecture (a spec fitted to the data, or a user's
+            dense SparseMLP whose widths and activations are the reference).
+        out: run directory for checkpoints and reports, or None (in memory only).
+        progress: show progress bars.
+        on_iteration: called after every checkpoint with the loop state (tests use it
+            to simulate an interruption).
+    """
+
+    def __init__(self, cfg: Config, data: DataBundle, reference: ModelSpec | SparseMLP,
+                 out: Path | None = None, progress: bool = False,
+                 on_iteration: Callable[[LoopState], None] | None = None):
+        self.cfg, self.data, self.out = cfg, data, out
+        self.progress, self.on_iteration = progress, on_iteration
+        self.device = resolve_device(cfg.device)
+        self.ref_widths, self.ref_acts, self.ref_bn, self.model_name = _reference_shape(reference)
+        self.X, self.y = data.train.X.to(self.device), data.train.y.to(self.device)
+        self.Xv, self.yv = (data.val.X.to(self.device), data.val.y.to(self.device)) if data.val else (None, None)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.state = LoopState()
+        self.model = make_seed(self.ref_widths, cfg.seed_net.ratio, cfg.seed_net.density, self.generator,
+                               self.ref_acts, self.ref_bn).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg.train)
+        self.accepted: dict | None = None
+        self._last: dict | None = None
+        self._clock = time.monotonic()
+
+    # ---- public ------------------------------------------------------------
+    def run(self) -> tuple[SparseMLP, dict]:
+        """Run (or continue) the loop to the end; returns (final model, report)."""
+        if not self.state.history:
+            self._start()
+        steps = {"dense": self._dense_step, "growth": self._growth_step,
+                 "pruning": self._pruning_step, "finetune": self._finetune_step}
+        while self.state.phase != "done":
+            try:
+                steps[self.state.phase]()
+            except NonFiniteLoss:
+                self._rollback()
+                continue
+            self._save()
+        return self.model, self._finish()
+
+    def resume(self, checkpoint: dict) -> None:
+        """Restore the loop from a checkpoint dict (see :meth:`_checkpoint`).
+
+        Raises:
+            NestError: the checkpoint was written for another config.
+        """
+        if checkpoint.get("format") != ckpt.FORMAT or checkpoint.get("config") != self.cfg.digest():
+            raise NestError("the checkpoint does not belong to this run's config.toml (it was written by "
+                            "another run or the config was edited); start a new run instead.")
+        self._restore(checkpoint)
+        self._last = checkpoint
+
+    # ---- phases ------------------------------------------------------------
+    def _start(self) -> None:
+        st, cfg = self.state, self.cfg
+        st.weights["seed"] = self.model.active_weights()
+        st.widths["seed"] = self.model.widths
+        self._snapshot("seed")
+        self._log("seed", 0, val=self._val())
+        st.target = cfg.target_error
+        st.phase = "dense" if st.target is None and cfg.growth.enabled else "growth"
+        if not cfg.growth.enabled:
+            self._enter_pruning(self._val())
+        self._save()
+
+    def _dense_step(self) -> None:
+        """Train the dense reference; its validation error becomes the growth target."""
+        t0 = time.monotonic()
+        gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
+        dense = SparseMLP(self.ref_widths, self.ref_acts, self.ref_bn, generator=gen).to(self.device)
+        opt = make_optimizer(dense, self.cfg.train, self.state.lr_scale)
+        self._train(dense, opt, self.cfg.dense.epochs, gen, "dense reference")
+        val = self._val(dense)
+        test = (evaluate(dense, self.data.test.X.to(self.device), self.data.test.y.to(self.device))[0]
+                if self.data.test else None)
+        self.state.dense = {"val_error": val, "test_error": test, "epochs": self.cfg.dense.epochs,
+                            "seconds": time.monotonic() - t0}
+        self.state.target = val
+        self.state.phase = "growth"
+        self._log("dense", 0, val=val, model=dense, seconds=time.monotonic() - t0)
+
+    def _growth_step(self) -> None:
+        st, g = self.state, self.cfg.growth
+        t0 = time.monotonic()
+        loss = self._train(self.model, self.optimizer, g.epochs_per_iteration, self.generator,
+                           f"growth {st.iteration}")
+        val = self._val()
+        if val <= st.target or st.iteration + 1 >= g.max_iterations:
+            st.reached = val <= st.target
+            self._log("growth", st.iteration, val=val, loss=loss, seconds=time.monotonic() - t0)
+            self._enter_pruning(val)
+            return
+        grown = self._grow()
+        self._log("growth", st.iteration, val=val, loss=loss, seconds=time.monotonic() - t0, **grown)
+        st.iteration += 1
+
+    def _enter_pruning(self, val: float) -> None:
+        st = self.state
+        st.weights["post_growth"] = self.model.active_weights()
+        st.widths["post_growth"] = self.model.widths
+        st.post_growth_layers = self.model.active_per_layer()
+        self._snapshot("post_growth")
+        reference = st.target if (st.target is not None and val <= st.target) else val
+        st.bound = reference + self.cfg.pruning.tolerance
+        st.accepted_val = val
+        self.accepted = self._model_state()
+        st.phase, st.iteration = ("pruning" if self.cfg.pruning.enabled else "finetune"), 0
+
+    def _pruning_step(self) -> None:
+        st, p = self.state, self.cfg.pruning
+        t0 = time.monotonic()
+        removed, neurons_removed = self._prune()
+        loss = self._train(self.model, self.optimizer, p.retrain_epochs, self.generator, f"pruning {st.iteration}")
+        val = self._val()
+        for _ in range(p.recover_epochs if val > st.bound else 0):
+            loss = self._train(self.model, self.optimizer, 1, self.generator, "recovery")
+            val = self._val()
+            if val <= st.bound:
+                break
+        accepted = val <= st.bound and removed + sum(neurons_removed) > 0
+        self._log("pruning", st.iteration, val=val, loss=loss, seconds=time.monotonic() - t0,
+                  pruned_connections=removed, pruned_neurons=neurons_removed, accepted=accepted)
+        if accepted:
+            self.accepted, st.accepted_val = self._model_state(), val
+        st.iteration += 1
+        if not accepted or st.iteration >= p.max_iterations:
+            self._load_model_state(self.accepted)  # comes to rest at the last accepted model
+            st.phase = "finetune"
+
+    def _finetune_step(self) -> None:
+        st, p = self.state, self.cfg.pruning
+        if p.final_epochs > 0:
+            t0 = time.monotonic()
+            set_lr(self.optimizer, self.cfg.train.lr * st.lr_scale * p.final_lr_scale)
+            loss = self._train(self.model, self.optimizer, p.final_epochs, self.generator, "fine-tuning")
+            val = self._val()
+            keep = val <= st.accepted_val
+            self._log("finetune", 0, val=val, loss=loss, seconds=time.monotonic() - t0, accepted=keep)
+            if keep:
+                st.accepted_val = val
+            else:
+                self._load_model_state(self.accepted)
+        st.phase = "done"
+
+    # ---- growth and pruning actions -----------------------------------------
+    def _score_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = scan_indices(len(self.X), self.cfg.growth.score_samples, self.generator).to(self.device)
+        return self.X[idx], self.y[idx]
+
+    def _grow(self) -> dict:
+        """One growth step: connections (Policy 1) in every layer, then neurons (Policy 2)."""
+        g, model = self.cfg.growth, self.model
+        X, y = self._score_data()
+        scan = gradient_scan(model, X, y, self.cfg.train.eval_batch_size, bridges=g.neurons)
+        conns, neurons = 0, []
+        if g.connections:
+            masks = [layer.mask for layer in model.layers]
+            scores = [grad.abs() for grad in scan.grads]
+            if g.connection_scope == "global":
+                k = sum(connections_to_grow(m.shape[1], m.shape[0], g.connection_fraction) for m in masks)
+                new_masks = grow_connections_global(scores, masks, k)
+            else:
+                new_masks = [grow_connections(s, m, connections_to_grow(m.shape[1], m.shape[0],
+                                                                         g.connection_fraction))
+                             for s, m in zip(scores, masks)]
+            for layer, new in zip(model.layers, new_masks):
+                conns += int(new.sum() - layer.mask.sum())
+                set_mask(layer, new, self.optimizer)
+        if g.neurons and g.neurons_per_step > 0:
+            for h in range(model.n_hidden):
+                w_in, w_out = grow_neurons(scan.bridges[h], g.neurons_per_step, g.beta, g.alpha,
+                                           model.effective_weight(h), model.effective_weight(h + 1),
+                                           self.generator, g.sign)
+                # neurons born in layer h-1 during this step are not among the scanned inputs
+                w_in = torch.nn.functional.pad(w_in, (0, model.layers[h].in_features - w_in.shape[1]))
+                append_units(model, h, w_in, w_out, self.optimizer)
+                neurons.append(w_in.shape[0])
+        return {"grown_connections": conns, "grown_neurons": neurons}
+
+    def _prune(self) -> tuple[int, list[int]]:
+        """One pruning step: smallest effective weights per layer, then weak neurons."""
+        p, st, model = self.cfg.pruning, self.state, self.model
+        removed = 0
+        for i, layer in enumerate(model.layers):
+            active = layer.active_connections()
+            if p.schedule == "cubic":
+                n = cubic_removal(st.iteration, active, st.post_growth_layers[i], p.final_sparsity,
+                                  p.schedule_steps, p.min_weights)
+            else:
+                n = constant_rate_removal(active, p.rate, p.min_weights)
+            new = prune_smallest(effective_scores(model, i), layer.mask, n)
+            removed += int(layer.mask.sum() - new.sum())
+            set_mask(layer, new, self.optimizer)
+        neurons = [0] * model.n_hidden
+        if p.neurons:
+            X, _ = self._score_data()
+            out_abs, out_mean = output_statistics(model, X, self.cfg.train.eval_batch_size)
+            for h in range(model.n_hidden):
+                keep = neurons_to_keep(out_abs[h], model.layers[h].mask, model.layers[h + 1].mask,
+                                       p.neuron_threshold)
+                neurons[h] = remove_neurons(model, h, keep, out_mean[h], self.optimizer)
+        return removed, neurons
+
+    # ---- training helpers ----------------------------------------------------
+    def _augment(self):
+        d = self.cfg.data
+        if not (d.augment and self.data.is_image):
+            return None
+        return lambda xb: random_affine(xb, self.generator, rotate=d.rotate, shift=d.shift,
+                                        scale=(d.scale_min, d.scale_max), shear=d.shear)
+
+    def _train(self, model, optimizer, epochs: int, generator, desc: str) -> float | None:
+        from tqdm.auto import tqdm
+
+        loss = None
+        bs = self.cfg.train.batch_size
+        with tqdm(total=epochs * len(self.X), desc=desc, unit="sample", disable=not self.progress,
+                  leave=False, dynamic_ncols=True) as bar:
+            for _ in range(epochs):
+                loss = train_epoch(model, self.X, self.y, optimizer, bs, generator, self._augment(), bar.update)
+        return loss
+
+    def _val(self, model=None) -> float:
+        model = model or self.model
+        if self.Xv is None:
+            return evaluate(model, self.X, self.y, self.cfg.train.eval_batch_size)[0]
+        return evaluate(model, self.Xv, self.yv, self.cfg.train.eval_batch_size)[0]
+
+    def _log(self, phase: str, iteration: int, val: float, model=None, loss=None, seconds=0.0, **extra) -> None:
+        model = model or self.model
+        row = {"phase": phase, "iteration": iteration, "weights": model.active_weights(),
+               "layer_weights": model.active_per_layer(), "neurons": model.widths[1:-1],
+               "val_error": val, "train_loss": loss, "seconds": round(seconds, 3), **extra}
+        self.state.history.append(row)
+
+    # ---- state, checkpoints, rollback --------------------------------------
+    def _model_state(self) -> dict:
+        return {"arch": self.model.arch(),
+                "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+
+    def _load_model_state(self, snap: dict) -> None:
+        self.model = SparseMLP.from_arch(snap["arch"]).to(self.device)
+        self.model.load_state_dict(snap["model"])
+        self.optimizer = make_optimizer(self.model, self.cfg.train, self.state.lr_scale)
+
+    def _snapshot(self, name: str) -> None:
+        if self.out is not None:
+            ckpt.atomic_torch_save(self._model_state(), ckpt.checkpoint_path(self.out, name))
+
+    def _checkpoint(self) -> dict:
+        st = self.state
+        return {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "config": self.cfg.digest(),
+                **self._model_state(),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "generator": self.generator.get_state(),
+                "accepted": self.accepted,
+                "state": copy.deepcopy(st.__dict__)}
+
+    def _save(self) -> None:
+        now = time.monotonic()
+        self.state.elapsed += now - self._clock
+        self._clock = now
+        self._last = self._checkpoint()
+        if self.out is not None:
+            ckpt.atomic_torch_save(self._last, ckpt.checkpoint_path(self.out))
+            ckpt.write_jsonl(ckpt.metrics_path(self.out), self.state.history)
+        if self.on_iteration is not None:
+            self.on_iteration(self.state)
+
+    def _restore(self, c: dict) -> None:
+        self.state = LoopState(**copy.deepcopy(c["state"]))
+        self._load_model_state(c)
+        self.optimizer.load_state_dict(c["optimizer"])
+        self.generator.set_state(c["generator"])
+        self.accepted = c["accepted"]
+        self._clock = time.monotonic()
+
+    def _rollback(self) -> None:
+        """NaN loss: return to the last checkpoint with half the learning rate."""
+        rollbacks, scale = self.state.rollbacks + 1, self.state.lr_scale * 0.5
+        if rollbacks > MAX_ROLLBACKS or self._last is None:
+            raise NestError(f"training diverged (NaN loss) {rollbacks} times even after halving the "
+                            "learning rate; lower train.lr.")
+        self._restore(self._last)
+        self.state.rollbacks, self.state.lr_scale = rollbacks, scale
+        set_lr(self.optimizer, self.cfg.train.lr * scale)
+
+    # ---- report ---------------------------------------------------------------
+    def _finish(self) -> dict:
+        from .report import build_report
+
+        st = self.state
+        test = self.data.test
+        Xr = test.X.to(self.device) if test else (self.Xv if self.Xv is not None else self.X)
+        act = activation_density(self.model, Xr, self.cfg.train.eval_batch_size)
+        rows = layer_table(self.model, act)
+        test_error = evaluate(self.model, test.X.to(self.device), test.y.to(self.device))[0] if test else None
+        report = build_report(
+            cfg=self.cfg, model_name=self.model_name, dataset=self.data.name, state=st,
+            rows=rows, test_error=test_error, val_error=st.accepted_val,
+            ref_widths=self.ref_widths, final_widths=self.model.widths, device=str(self.device),
+            input_shape=self.data.input_shape)
+        if self.out is not None:
+            from .report import write_run_outputs
+            write_run_outputs(self.out, self.model, report)
+        return report
+
+
+def _reference_shape(reference: ModelSpec | SparseMLP):
+    if isinstance(reference, ModelSpec):
+        return list(reference.widths), reference.activation, reference.batch_norm, reference.name
+    return reference.widths, list(reference.activation_specs), reference.batch_norm, "custom"
