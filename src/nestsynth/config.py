@@ -57,6 +57,8 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine: every training call anneals lr -> lr*min_lr_scale; constant
+    min_lr_scale: float = 0.01
     batch_size: int = 128
     eval_batch_size: int = 2048
 
@@ -103,6 +105,7 @@ class PruningConfig:
     neurons: bool = True
     neuron_threshold: float = 0.01  # relative to the layer's mean output magnitude
     min_weights: int = 1  # never prune a layer below this many connections
+    lr_scale: float = 1.0  # learning rate of the retraining, relative to train.lr
     final_epochs: int = 0  # fine-tuning of the kept model (kept only if val improves)
     final_lr_scale: float = 0.1
 
@@ -269,6 +272,9 @@ def validate(cfg: Config) -> None:
     _check(0 < s.density <= 1, "seed_net.density", s.density, "in (0, 1]")
     _check(t.optimizer in ("adam", "sgd"), "train.optimizer", t.optimizer, "adam or sgd")
     _check(t.lr > 0, "train.lr", t.lr, "positive")
+    _check(t.schedule in ("cosine", "constant"), "train.schedule", t.schedule, "cosine or constant")
+    _check(0 <= t.min_lr_scale <= 1, "train.min_lr_scale", t.min_lr_scale, "in [0, 1]")
+    _check(p.lr_scale > 0, "pruning.lr_scale", p.lr_scale, "positive")
     _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "in [0, 1)")
     _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "non-negative")
     _check(t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")

@@ -31,7 +31,7 @@ from .pruning import (constant_rate_removal, cubic_removal, effective_scores, ne
 from .registry import ModelSpec
 from .seeds import make_seed
 from .sparse import SparseMLP, append_units, set_mask
-from .training import NonFiniteLoss, evaluate, make_optimizer, set_lr, train_epoch
+from .training import NonFiniteLoss, cosine_lr, evaluate, make_optimizer, train_epoch
 
 MAX_ROLLBACKS = 4
 
@@ -147,7 +147,7 @@ class Synthesis:
         t0 = time.monotonic()
         gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
         dense = SparseMLP(self.ref_widths, self.ref_acts, self.ref_bn, generator=gen).to(self.device)
-        opt = make_optimizer(dense, self.cfg.train, self.state.lr_scale)
+        opt = make_optimizer(dense, self.cfg.train)
         self._train(dense, opt, self.cfg.dense.epochs, gen, "dense reference")
         val = self._val(dense)
         test = (evaluate(dense, self.data.test.X.to(self.device), self.data.test.y.to(self.device))[0]
@@ -189,10 +189,11 @@ class Synthesis:
         st, p = self.state, self.cfg.pruning
         t0 = time.monotonic()
         removed, neurons_removed = self._prune()
-        loss = self._train(self.model, self.optimizer, p.retrain_epochs, self.generator, f"pruning {st.iteration}")
+        loss = self._train(self.model, self.optimizer, p.retrain_epochs, self.generator, f"pruning {st.iteration}",
+                           p.lr_scale)
         val = self._val()
         for _ in range(p.recover_epochs if val > st.bound else 0):
-            loss = self._train(self.model, self.optimizer, 1, self.generator, "recovery")
+            loss = self._train(self.model, self.optimizer, 1, self.generator, "recovery", p.lr_scale)
             val = self._val()
             if val <= st.bound:
                 break
@@ -210,8 +211,8 @@ class Synthesis:
         st, p = self.state, self.cfg.pruning
         if p.final_epochs > 0:
             t0 = time.monotonic()
-            set_lr(self.optimizer, self.cfg.train.lr * st.lr_scale * p.final_lr_scale)
-            loss = self._train(self.model, self.optimizer, p.final_epochs, self.generator, "fine-tuning")
+            loss = self._train(self.model, self.optimizer, p.final_epochs, self.generator, "fine-tuning",
+                               p.final_lr_scale)
             val = self._val()
             keep = val <= st.accepted_val
             self._log("finetune", 0, val=val, loss=loss, seconds=time.monotonic() - t0, accepted=keep)
@@ -288,15 +289,23 @@ class Synthesis:
         return lambda xb: random_affine(xb, self.generator, rotate=d.rotate, shift=d.shift,
                                         scale=(d.scale_min, d.scale_max), shear=d.shear)
 
-    def _train(self, model, optimizer, epochs: int, generator, desc: str) -> float | None:
+    def _train(self, model, optimizer, epochs: int, generator, desc: str, lr_scale: float = 1.0) -> float | None:
+        """``epochs`` epochs at ``train.lr * lr_scale`` (times the rollback factor); with the
+        cosine schedule every call is one annealing cycle, so each validation check sees
+        an annealed model."""
         from tqdm.auto import tqdm
 
+        t = self.cfg.train
+        lr = t.lr * lr_scale * self.state.lr_scale
+        per_epoch = math.ceil(len(self.X) / t.batch_size)
         loss = None
-        bs = self.cfg.train.batch_size
         with tqdm(total=epochs * len(self.X), desc=desc, unit="sample", disable=not self.progress,
                   leave=False, dynamic_ncols=True) as bar:
-            for _ in range(epochs):
-                loss = train_epoch(model, self.X, self.y, optimizer, bs, generator, self._augment(), bar.update)
+            for e in range(epochs):
+                lr_at = (lambda b, e=e: cosine_lr(e * per_epoch + b, epochs * per_epoch, lr, t.min_lr_scale)) \
+                    if t.schedule == "cosine" else (lambda b: lr)
+                loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, generator, self._augment(),
+                                   bar.update, lr_at)
         return loss
 
     def _val(self, model=None) -> float:
@@ -349,7 +358,7 @@ class Synthesis:
     def _restore(self, c: dict) -> None:
         self.state = LoopState(**copy.deepcopy(c["state"]))
         self._load_model_state(c)
-        self.optimizer.load_state_dict(c["optimizer"])
+        self.optimizer.load_state_dict(copy.deepcopy(c["optimizer"]))  # may alias; Adam steps in place
         self.generator.set_state(c["generator"])
         self.accepted = c["accepted"]
         self._clock = time.monotonic()
@@ -361,8 +370,7 @@ class Synthesis:
             raise NestError(f"training diverged (NaN loss) {rollbacks} times even after halving the "
                             "learning rate; lower train.lr.")
         self._restore(self._last)
-        self.state.rollbacks, self.state.lr_scale = rollbacks, scale
-        set_lr(self.optimizer, self.cfg.train.lr * scale)
+        self.state.rollbacks, self.state.lr_scale = rollbacks, scale  # _train reads lr_scale
 
     # ---- report ---------------------------------------------------------------
     def _finish(self) -> dict:

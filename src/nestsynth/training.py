@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -28,10 +29,19 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def cosine_lr(step: int, total: int, lr: float, min_scale: float) -> float:
+    """Learning rate at ``step`` of a cosine annealing from ``lr`` to ``lr * min_scale``."""
+    frac = min(max(step, 0), total) / max(total, 1)
+    return lr * (min_scale + (1.0 - min_scale) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
 def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: int,
                 generator: torch.Generator, augment: Callable | None = None,
-                progress: Callable[[int], None] | None = None) -> float:
+                progress: Callable[[int], None] | None = None,
+                lr_at: Callable[[int], float] | None = None) -> float:
     """One epoch of minibatch training in a random order drawn from ``generator``.
+
+    ``lr_at(batch_index)`` (optional) sets the learning rate before every batch.
 
     Returns:
         The mean training loss.
@@ -42,7 +52,9 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
     model.train()
     order = torch.randperm(len(X), generator=generator).to(X.device)
     total, count = 0.0, 0
-    for start in range(0, len(X), batch_size):
+    for b, start in enumerate(range(0, len(X), batch_size)):
+        if lr_at is not None:
+            set_lr(optimizer, lr_at(b))
         idx = order[start:start + batch_size]
         xb, yb = X[idx], y[idx]
         if augment is not None:

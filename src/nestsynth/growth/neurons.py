@@ -11,6 +11,8 @@ printed pseudo-code.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -41,7 +43,7 @@ def bridge_neuron(G: torch.Tensor, beta: float, alpha: float, w_in_ref: torch.Te
     scores = G.abs()
     if exclude is not None:
         scores = scores.masked_fill(exclude, 0.0)
-    k = min(max(1, int(round(beta * M * N))), int((scores > 0).sum()))
+    k = min(max(1, math.ceil(beta * M * N)), int((scores > 0).sum()))
     pairs = torch.zeros(M * N, dtype=torch.bool, device=G.device)
     w_in, w_out = torch.zeros(N, device=G.device), torch.zeros(M, device=G.device)
     if k == 0:

@@ -54,8 +54,8 @@ def output_statistics(model, X: torch.Tensor, batch_size: int = 2048):
 def remove_neurons(model, h: int, keep: torch.Tensor, out_mean: torch.Tensor, optimizer=None) -> int:
     """Remove the neurons of hidden layer h where ``keep`` is False.
 
-    A removed neuron's mean output is folded into the next layer's bias (and, with
-    batch norm after it, its running mean), which is exact for a neuron without
+    A removed neuron's mean output is folded into the next layer's bias (before that
+    layer's batch norm, like any other input), which is exact for a neuron without
     inputs (constant output) and the least-squares choice for a weak one.
 
     Returns:
@@ -70,7 +70,5 @@ def remove_neurons(model, h: int, keep: torch.Tensor, out_mean: torch.Tensor, op
     with torch.no_grad():
         shift = (nxt.weight * nxt.mask)[:, removed] @ out_mean[removed]  # (M,)
         nxt.bias += shift
-        if model.norms and h + 1 < model.n_hidden:
-            model.norms[h + 1].running_mean += shift
     keep_units(model, h, keep.nonzero().flatten(), optimizer)
     return int(removed.sum())

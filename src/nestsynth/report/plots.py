@@ -25,9 +25,12 @@ def plot_connections(history: list[dict], path: Path) -> None:
     xs = list(range(len(rows)))
     ax.plot(xs, [r["weights"] for r in rows], color="black", lw=1)
     for phase, colour in PHASE_COLOURS.items():
-        pts = [(x, r["weights"]) for x, r in zip(xs, rows) if r["phase"] == phase]
+        pts = [(x, r["weights"]) for x, r in zip(xs, rows) if r["phase"] == phase and r.get("accepted", True)]
         if pts:
             ax.scatter(*zip(*pts), s=10, color=colour, label=phase, zorder=3)
+    rejected = [(x, r["weights"]) for x, r in zip(xs, rows) if r.get("accepted") is False]
+    if rejected:
+        ax.scatter(*zip(*rejected), s=30, marker="x", color="black", label="rejected (rest)", zorder=3)
     ax.set_xlabel("synthesis iteration")
     ax.set_ylabel("active connections")
     ax.legend(frameon=False)

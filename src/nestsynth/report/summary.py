@@ -76,10 +76,12 @@ def load_model(path: str | Path) -> SparseMLP:
         NestError: the file is missing, refused, or not a nestsynth model.
     """
     blob = ckpt.safe_load(Path(path))
-    if not isinstance(blob, dict) or "arch" not in blob or "model" not in blob:
-        raise NestError(f"{str(path)!r} is not a nestsynth model file.")
-    model = SparseMLP.from_arch(blob["arch"])
-    model.load_state_dict(blob["model"])
+    try:
+        model = SparseMLP.from_arch(blob["arch"])
+        model.load_state_dict(blob["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError, NestError):
+        raise NestError(f"{str(path)!r} is not a nestsynth model file (architecture and weights "
+                        "missing or inconsistent).") from None
     return model
 
 

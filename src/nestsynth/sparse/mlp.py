@@ -180,6 +180,7 @@ def from_sequential(seq: nn.Sequential) -> SparseMLP:
             element-wise activation, or for an irregular layer order.
     """
     linears, norms, acts = [], [], []
+    previous = None
     for module in seq:
         if isinstance(module, nn.Flatten) and not linears:
             continue
@@ -188,12 +189,15 @@ def from_sequential(seq: nn.Sequential) -> SparseMLP:
                 raise NestError("each hidden Linear must be followed by an activation before the next Linear.")
             linears.append(module)
         elif isinstance(module, nn.BatchNorm1d) and linears:
+            if not isinstance(previous, nn.Linear):
+                raise NestError("a BatchNorm1d must come directly after a Linear layer (before its activation).")
             norms.append(module)
         elif activation_spec(module) is not None and linears:
             acts.append(activation_spec(module))
         else:
             raise NestError(f"cannot synthesize from a {type(module).__name__} module; a model must be an "
                             "nn.Sequential of Linear layers, optional BatchNorm1d and element-wise activations.")
+        previous = module
     if not linears or len(acts) != len(linears) - 1 or len(norms) not in (0, len(linears) - 1):
         raise NestError("the nn.Sequential must be Linear (BatchNorm1d) activation ... Linear, with one "
                         "activation after every hidden Linear and none after the last.")
