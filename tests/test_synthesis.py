@@ -385,3 +385,20 @@ def test_nan_every_time_gives_up_with_nest_error(digits, monkeypatch):
     with pytest.raises(NestError, match="NaN"):
         _run(small_cfg(), digits)
     assert calls[0] == synthesis_mod.MAX_ROLLBACKS + 1
+
+
+def test_dense_train_with_numeric_target_reports_dense_but_keeps_target(digits):
+    cfg = small_cfg(growth={"target": "0.5", "max_iterations": 2, "epochs_per_iteration": 1},
+                    dense={"epochs": 2, "train": True})
+    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
+    _, report = syn.run()
+    phases = [r["phase"] for r in syn.state.history]
+    assert phases[:2] == ["seed", "dense"]
+    assert report["growth"]["target_val_error"] == 0.5  # the number, not the dense error
+    dense_row = syn.state.history[1]
+    assert report["dense_reference"]["val_error"] == dense_row["val_error"]
+    assert 0 <= report["dense_reference"]["test_error"] <= 1
+    # the target is reached at the first check (error <= 0.5 after one epoch on digits)
+    growth_rows = [r for r in syn.state.history if r["phase"] == "growth"]
+    assert report["growth"]["reached"] == (growth_rows[-1]["val_error"] <= 0.5)
+    assert len(growth_rows) == 1 or growth_rows[0]["val_error"] > 0.5

@@ -65,9 +65,11 @@ class TrainConfig:
 
 @dataclass
 class DenseConfig:
-    """The dense reference, trained only when growth.target = "dense"."""
+    """The dense reference: trained when growth.target = "dense" (its validation error
+    becomes the target) or when ``train`` is true (reported only)."""
 
     epochs: int = 10
+    train: bool = False
 
 
 @dataclass

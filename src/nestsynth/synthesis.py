@@ -137,13 +137,14 @@ class Synthesis:
         self._snapshot("seed")
         self._log("seed", 0, val=self._val())
         st.target = cfg.target_error
-        st.phase = "dense" if st.target is None and cfg.growth.enabled else "growth"
+        st.phase = "dense" if (st.target is None or cfg.dense.train) and cfg.growth.enabled else "growth"
         if not cfg.growth.enabled:
             self._enter_pruning(self._val())
         self._save()
 
     def _dense_step(self) -> None:
-        """Train the dense reference; its validation error becomes the growth target."""
+        """Train the dense reference; its validation error becomes the growth target unless
+        the target is a number."""
         t0 = time.monotonic()
         gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
         dense = SparseMLP(self.ref_widths, self.ref_acts, self.ref_bn, generator=gen).to(self.device)
@@ -154,7 +155,8 @@ class Synthesis:
                 if self.data.test else None)
         self.state.dense = {"val_error": val, "test_error": test, "epochs": self.cfg.dense.epochs,
                             "seconds": time.monotonic() - t0}
-        self.state.target = val
+        if self.state.target is None:
+            self.state.target = val
         self.state.phase = "growth"
         self._log("dense", 0, val=val, model=dense, seconds=time.monotonic() - t0)
 
