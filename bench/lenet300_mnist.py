@@ -12,26 +12,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_seed(config: Path, seed: int, out: Path, data_dir: str | None, sets: list[str]) -> dict:
+def run_seed(config: Path, seed: int, out: Path, data_dir: str | None, sets: list[str], threads: int) -> dict:
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text())
     cmd = [sys.executable, "-m", "nestsynth.cli", "synthesize", "--quiet", "--out", str(out)]
+    out.parent.mkdir(parents=True, exist_ok=True)
     if (out / "checkpoints" / "last.pt").is_file():
         cmd.append("--resume")
     else:
         cmd += ["--config", str(config), "--seed", str(seed)] + [f"--set={s}" for s in sets]
     if data_dir:
         cmd += ["--data-dir", data_dir]
-    subprocess.run(cmd, check=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(out.parent / f"seed{seed}.log", "a") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
     return json.loads((out / "report.json").read_text())
 
 
@@ -91,12 +96,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "runs" / "lenet300_mnist"))
     ap.add_argument("--name", default="lenet300_mnist")
     ap.add_argument("--set", action="append", default=[], help="config override for new runs")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs threads)")
     args = ap.parse_args()
-    reports = [run_seed(Path(args.config), s, Path(args.out) / f"seed{s}", args.data_dir, args.set)
-               for s in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        reports = list(pool.map(lambda s: run_seed(Path(args.config), s, Path(args.out) / f"seed{s}",
+                                                   args.data_dir, args.set, threads), args.seeds))
     summary = summarize(reports)
     summary["machine"] = f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
     summary["command"] = " ".join(["python", "bench/lenet300_mnist.py"] + sys.argv[1:])
+    summary["threads_per_run"] = threads
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")

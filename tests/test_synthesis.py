@@ -402,3 +402,16 @@ def test_dense_train_with_numeric_target_reports_dense_but_keeps_target(digits):
     growth_rows = [r for r in syn.state.history if r["phase"] == "growth"]
     assert report["growth"]["reached"] == (growth_rows[-1]["val_error"] <= 0.5)
     assert len(growth_rows) == 1 or growth_rows[0]["val_error"] > 0.5
+
+
+def test_dense_reference_does_not_perturb_the_synthesis(digits):
+    """The dense reference trains with its own generator: training it (dense.train) must not
+    change the masks the synthesis reaches with a numeric target."""
+    def masks(train_dense):
+        cfg = small_cfg(data={"augment": True}, growth={"target": "0.01", "max_iterations": 2,
+                                                         "epochs_per_iteration": 1},
+                        dense={"epochs": 1, "train": train_dense})
+        model, _ = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None).run()
+        return [layer.mask for layer in model.layers]
+    for a, b in zip(masks(False), masks(True)):
+        assert torch.equal(a, b)

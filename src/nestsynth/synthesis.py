@@ -284,11 +284,11 @@ class Synthesis:
         return removed, neurons
 
     # ---- training helpers ----------------------------------------------------
-    def _augment(self):
+    def _augment(self, generator: torch.Generator):
         d = self.cfg.data
         if not (d.augment and self.data.is_image):
             return None
-        return lambda xb: random_affine(xb, self.generator, rotate=d.rotate, shift=d.shift,
+        return lambda xb: random_affine(xb, generator, rotate=d.rotate, shift=d.shift,
                                         scale=(d.scale_min, d.scale_max), shear=d.shear)
 
     def _train(self, model, optimizer, epochs: int, generator, desc: str, lr_scale: float = 1.0) -> float | None:
@@ -306,8 +306,8 @@ class Synthesis:
             for e in range(epochs):
                 lr_at = (lambda b, e=e: cosine_lr(e * per_epoch + b, epochs * per_epoch, lr, t.min_lr_scale)) \
                     if t.schedule == "cosine" else (lambda b: lr)
-                loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, generator, self._augment(),
-                                   bar.update, lr_at)
+                loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, generator,
+                                   self._augment(generator), bar.update, lr_at)
         return loss
 
     def _val(self, model=None) -> float:
