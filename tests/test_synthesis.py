@@ -415,3 +415,32 @@ def test_dense_reference_does_not_perturb_the_synthesis(digits):
         return [layer.mask for layer in model.layers]
     for a, b in zip(masks(False), masks(True)):
         assert torch.equal(a, b)
+
+
+def test_layer_rest_freezes_the_smallest_layer_and_keeps_pruning_the_others(digits):
+    cfg = small_cfg(growth={"target": "0.0", "max_iterations": 2, "epochs_per_iteration": 2},
+                    pruning={"rate": 0.3, "max_iterations": 40, "retrain_epochs": 1, "recover_epochs": 0,
+                             "tolerance": 0.0, "layer_rest": True, "neurons": False})
+    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
+    model, report = syn.run()
+    rows = [r for r in syn.state.history if r["phase"] == "pruning"]
+    rejected = [r for r in rows if not r["accepted"]]
+    assert rejected, "the tight bound must reject some iteration"
+    frozen_seen = []
+    accepted_weights = syn.state.post_growth_layers
+    for r in rows:
+        if r["accepted"]:
+            for k in frozen_seen:  # a frozen layer never changes again
+                assert r["layer_weights"][k] == accepted_weights[k]
+            accepted_weights = r["layer_weights"]
+        else:
+            new = r.get("frozen", frozen_seen)
+            if new != frozen_seen:
+                k = new[-1]
+                assert k not in frozen_seen
+                live = [i for i in range(3) if i not in frozen_seen]
+                assert accepted_weights[k] == min(accepted_weights[i] for i in live)  # the smallest live layer
+                frozen_seen = list(new)
+    # the phase ended because every layer but the last came to rest (or the iteration limit)
+    assert len(frozen_seen) == 2 or len(rows) == 40
+    assert report["weights"]["final"] == sum(accepted_weights)

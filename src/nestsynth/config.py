@@ -104,6 +104,7 @@ class PruningConfig:
     retrain_epochs: int = 1
     recover_epochs: int = 1  # extra epochs tried before pruning comes to rest
     tolerance: float = 0.002  # allowed rise of the validation error over the target
+    layer_rest: bool = False  # on a rejected iteration freeze the smallest layer and go on (see README)
     neurons: bool = True
     neuron_threshold: float = 0.01  # relative to the layer's mean output magnitude
     min_weights: int = 1  # never prune a layer below this many connections

@@ -53,6 +53,7 @@ class LoopState:
     weights: dict = field(default_factory=dict)
     widths: dict = field(default_factory=dict)
     post_growth_layers: list = field(default_factory=list)
+    frozen: list = field(default_factory=list)  # layers no longer pruned (pruning.layer_rest)
     history: list = field(default_factory=list)
 
 
@@ -205,9 +206,27 @@ class Synthesis:
         if accepted:
             self.accepted, st.accepted_val = self._model_state(), val
         st.iteration += 1
+        if not accepted:
+            self._load_model_state(self.accepted)  # back to the last accepted model
+            if p.layer_rest and self._freeze_smallest_layer():
+                st.history[-1]["frozen"] = list(st.frozen)
+                return
         if not accepted or st.iteration >= p.max_iterations:
             self._load_model_state(self.accepted)  # comes to rest at the last accepted model
             st.phase = "finetune"
+
+    def _freeze_smallest_layer(self) -> bool:
+        """Stop pruning the smallest layer still being pruned; False when none is left.
+
+        With ``pruning.layer_rest`` a rejected iteration does not end the phase: the layer
+        with the fewest connections (the one a 1% cut hurts most) comes to rest alone and
+        the others go on.  The phase ends when every layer has come to rest.
+        """
+        live = [i for i in range(len(self.model.layers)) if i not in self.state.frozen]
+        if len(live) <= 1:
+            return False
+        self.state.frozen.append(min(live, key=lambda i: (self.model.layers[i].active_connections(), -i)))
+        return True
 
     def _finetune_step(self) -> None:
         st, p = self.state, self.cfg.pruning
@@ -264,6 +283,8 @@ class Synthesis:
         p, st, model = self.cfg.pruning, self.state, self.model
         removed = 0
         for i, layer in enumerate(model.layers):
+            if i in st.frozen:
+                continue
             active = layer.active_connections()
             if p.schedule == "cubic":
                 n = cubic_removal(st.iteration, active, st.post_growth_layers[i], p.final_sparsity,
