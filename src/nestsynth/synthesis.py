@@ -211,8 +211,8 @@ class Synthesis:
             if p.layer_rest and self._freeze_smallest_layer():
                 st.history[-1]["frozen"] = list(st.frozen)
                 return
-        if not accepted or st.iteration >= p.max_iterations:
-            self._load_model_state(self.accepted)  # comes to rest at the last accepted model
+            st.phase = "finetune"  # comes to rest
+        elif st.iteration >= p.max_iterations:
             st.phase = "finetune"
 
     def _freeze_smallest_layer(self) -> bool:
