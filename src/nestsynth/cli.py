@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print report.json instead of the table")
     m = sub.add_parser("models", help="list the registered reference architectures")
     m.add_argument("--json", action="store_true")
+    _add_export_parsers(sub)
     return p
 
 
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nestsynth`` console script."""
     args = _parser().parse_args(argv)
     handlers = {"synthesize": cmd_synthesize, "report": cmd_report, "models": cmd_models}
+    handlers.update(EXPORT_HANDLERS)
     try:
         return handlers[args.command](args)
     except NestError as exc:
@@ -152,6 +154,81 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+# ----------------------------------------------------------------------------- export, evaluate, bench-infer
+
+
+def _add_export_parsers(sub) -> None:
+    e = sub.add_parser("export", help="write the compact model of a run (pruned neurons removed, BN folded)")
+    e.add_argument("run_dir", help="a finished run directory (or a model.pt file)")
+    e.add_argument("--format", default="pytorch", choices=["pytorch", "safetensors", "onnx"],
+                   help="artifact format (default pytorch; onnx is always stored dense)")
+    e.add_argument("--sparse", default="auto", choices=["auto", "dense", "csr"],
+                   help="per-layer storage: auto measures dense vs CSR at --batch-size (default auto)")
+    e.add_argument("--out", help="artifact path (default RUN_DIR/export/compact.pt|.safetensors|.onnx)")
+    e.add_argument("--batch-size", type=int, default=1, help="batch size the auto decision is timed at (default 1)")
+    e.add_argument("--dataset", help="data set of the output check (default: the run's)")
+    e.add_argument("--data-dir", help="folder holding the data set files")
+    e.add_argument("--check", default="test", choices=["test", "random"],
+                   help="inputs of the compact-vs-masked check: the test set or 2048 random inputs")
+    e.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed |compact - masked| output")
+    e.add_argument("--threads", type=int, help="intra-op threads for the timing (default: PyTorch's)")
+    e.add_argument("--json", action="store_true", help="print the export report as JSON")
+    v = sub.add_parser("evaluate", help="test error of an exported model (.pt, .safetensors or .onnx)")
+    v.add_argument("artifact")
+    v.add_argument("--dataset", help="mnist, digits or npz:PATH (default: the one recorded in the artifact)")
+    v.add_argument("--data-dir", help="folder holding the data set files")
+    v.add_argument("--json", action="store_true")
+    b = sub.add_parser("bench-infer", help="inference latency: dense reference, masked, compact, ONNX")
+    b.add_argument("artifact", help="a compact .pt or .safetensors model from nestsynth export")
+    b.add_argument("--run", help="run directory of the masked model (default: the one the artifact records)")
+    b.add_argument("--onnx", help="ONNX export to time (default: sibling .onnx, else converted in memory)")
+    b.add_argument("--batch-sizes", default="1,64,256", help="comma-separated (default 1,64,256)")
+    b.add_argument("--repeats", type=int, default=30, help="timed samples per measurement (default 30)")
+    b.add_argument("--warmup", type=int, default=10, help="warm-up calls before timing (default 10)")
+    b.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    b.add_argument("--out", help="inference.json path (default: beside the artifact)")
+    b.add_argument("--json", action="store_true")
+
+
+def cmd_export(args) -> int:
+    from .export.pipeline import export_run, format_export
+
+    result = export_run(args.run_dir, args.format, args.sparse, args.out, args.batch_size, args.dataset,
+                        args.data_dir, args.tolerance, args.check, args.threads)
+    print(json.dumps(result, indent=2) if args.json else format_export(result))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .export.pipeline import evaluate_artifact
+
+    result = evaluate_artifact(args.artifact, args.dataset, args.data_dir)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['artifact']}: test error {100 * result['test_error']:.2f}% ({result['errors']} of "
+              f"{result['samples']}, {result['dataset']})")
+    return 0
+
+
+def cmd_bench_infer(args) -> int:
+    from .export.pipeline import bench_inference, format_inference_table
+
+    try:
+        sizes = tuple(int(s) for s in args.batch_sizes.split(",") if s.strip())
+    except ValueError:
+        raise NestError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}.") from None
+    if not sizes or min(sizes) < 1:
+        raise NestError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}.")
+    result = bench_inference(args.artifact, args.run, args.onnx, sizes, args.repeats, args.warmup, args.threads,
+                             args.out)
+    print(json.dumps(result, indent=2) if args.json else format_inference_table(result))
+    return 0
+
+
+EXPORT_HANDLERS = {"export": cmd_export, "evaluate": cmd_evaluate, "bench-infer": cmd_bench_infer}
 
 
 if __name__ == "__main__":  # pragma: no cover

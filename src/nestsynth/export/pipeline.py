@@ -1,0 +1,412 @@
+"""The three operations behind the command line: export, evaluate, bench-infer."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..errors import NestError
+from ..metrics import dense_flops
+from ..report.summary import load_model
+from ..sparse.mlp import SparseMLP
+from .bench import measure_latency
+from .compact import CompactLinear, CompactMLP, compact_from_sparse, max_abs_difference
+from .formats import (FORMATS, SUFFIX, OnnxModel, _require_onnx, artifact_files, format_of, load_artifact,
+                      load_onnx, onnx_bytes, save_artifact)
+
+BATCH_SIZES = (1, 64, 256)
+TOLERANCE = 1e-5
+
+
+@dataclass
+class Source:
+    """The masked model of a run and what the run says about it."""
+
+    model: SparseMLP
+    model_file: Path
+    run_dir: Path | None
+    name: str = "custom"
+    input_shape: list | None = None
+    report: dict = field(default_factory=dict)
+    data_dir: str | None = None
+
+    @property
+    def dataset(self) -> str | None:
+        return self.report.get("dataset")
+
+    @property
+    def reference_widths(self) -> list[int]:
+        widths = (self.report.get("dense_reference") or {}).get("widths")
+        return [int(w) for w in widths] if widths else self.model.widths
+
+
+def load_source(path: str | Path) -> Source:
+    """The final model of a run directory (or a ``model.pt`` file given directly).
+
+    Raises:
+        NestError: not a run directory or model file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        run, model_file = path, ckpt.model_path(path)
+        if not model_file.is_file():
+            raise NestError(f"{str(path)!r} has no model.pt: it is not a finished nestsynth run.")
+    elif path.is_file():
+        run, model_file = None, path
+    else:
+        raise NestError(f"{str(path)!r} does not exist.")
+    blob = ckpt.safe_load(model_file)
+    model = load_model(model_file).eval()
+    src = Source(model, model_file, run, name=str(blob.get("name") or "custom"),
+                 input_shape=list(blob["input_shape"]) if blob.get("input_shape") else None)
+    if run is not None and ckpt.report_path(run).is_file():
+        try:
+            src.report = json.loads(ckpt.report_path(run).read_text())
+        except json.JSONDecodeError:
+            raise NestError(f"{str(ckpt.report_path(run))!r} is not valid JSON.") from None
+        if not src.input_shape and src.report.get("input_shape"):
+            src.input_shape = list(src.report["input_shape"])
+    if run is not None and ckpt.config_path(run).is_file():
+        try:
+            from .. import config as config_mod
+
+            src.data_dir = config_mod.load(ckpt.config_path(run)).data.data_dir or None
+        except NestError:
+            pass
+    return src
+
+
+def _test_set(dataset: str | None, data_dir: str | None):
+    from ..data import load_dataset
+
+    if not dataset:
+        raise NestError("no data set is known for this model; pass --dataset (mnist, digits or npz:PATH).")
+    bundle = load_dataset(dataset, data_dir, val_fraction=0.0)
+    if bundle.test is None:
+        raise NestError(f"data set {dataset!r} has no test part to evaluate on.")
+    return bundle.test
+
+
+@torch.inference_mode()
+def _error(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> int:
+    wrong = 0
+    for start in range(0, X.shape[0], batch_size):
+        wrong += int((model(X[start:start + batch_size]).argmax(1) != y[start:start + batch_size]).sum())
+    return wrong
+
+
+def _check_width(n_inputs: int, X: torch.Tensor, what: str) -> None:
+    if X[0].numel() != n_inputs:
+        raise NestError(f"the data set's samples have {X[0].numel()} values but {what} expects {n_inputs}.")
+
+
+def _sizes(paths) -> dict:
+    return {str(p): p.stat().st_size for p in paths if p.is_file()}
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out: str | Path | None = None,
+               batch_size: int = 1, dataset: str | None = None, data_dir: str | None = None,
+               tolerance: float = TOLERANCE, check: str = "test", threads: int | None = None) -> dict:
+    """Export a run's final model as a compact artifact, after checking it against the masked model.
+
+    The check runs the masked model and the compact one (for ONNX: in onnxruntime) on
+    the test set (``check="test"``) or on 2048 uniform random inputs (``"random"``) and
+    refuses to write the artifact when their outputs differ by ``tolerance`` or more.
+
+    Returns:
+        The export report (also written next to the artifact as ``ARTIFACT.export.json``).
+
+    Raises:
+        NestError: bad option, unreadable run or data, or a failed check.
+    """
+    if fmt not in FORMATS:
+        raise NestError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}.")
+    if sparse not in ("auto", "dense", "csr"):
+        raise NestError(f"unknown --sparse mode {sparse!r}; valid: auto, dense, csr.")
+    if batch_size < 1:
+        raise NestError(f"--batch-size must be at least 1, got {batch_size}.")
+    if fmt == "onnx" and sparse == "csr":
+        raise NestError("ONNX export is dense only (ONNX runtimes execute no sparse matrices); use --sparse "
+                        "auto or dense, or --format pytorch/safetensors for CSR layers.")
+    if check not in ("test", "random"):
+        raise NestError(f"unknown --check {check!r}; valid: test, random.")
+    if fmt == "onnx":
+        _require_onnx()
+    src = load_source(run)
+    path = Path(out) if out else (src.run_dir or src.model_file.parent) / "export" / f"compact{SUFFIX[fmt]}"
+    if path.suffix.lower() != SUFFIX[fmt]:
+        raise NestError(f"--out {str(path)!r} must end in {SUFFIX[fmt]} for --format {fmt}.")
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        started = time.perf_counter()
+        storage = "dense" if fmt == "onnx" else sparse
+        meta = {"name": src.name, "dataset": dataset or src.dataset, "data_dir": data_dir or src.data_dir,
+                "source_run": str(src.run_dir.resolve()) if src.run_dir else None,
+                "source_model": str(src.model_file.resolve()), "reference_widths": src.reference_widths,
+                "masked_widths": src.model.widths, "activations": list(src.model.activation_specs),
+                "test_error_masked_report": src.report.get("test_error")}
+        compact, info = compact_from_sparse(src.model, storage, batch_size, src.input_shape, meta)
+        if check == "test":
+            test = _test_set(meta["dataset"], meta["data_dir"])
+            X, y = test.X, test.y
+        else:
+            g = torch.Generator().manual_seed(0)
+            X, y = torch.rand(2048, *(src.input_shape or [src.model.widths[0]]), generator=g), None
+        _check_width(src.model.widths[0], X, "the model")
+        result = {"artifact": None, "format": fmt, "sparse": sparse, "check_inputs": check,
+                  "check_samples": int(X.shape[0]), "tolerance": tolerance, **info}
+        diff = max_abs_difference(src.model, compact, X)
+        result["max_abs_diff"] = diff
+        data = None
+        if fmt == "onnx":
+            data = onnx_bytes(compact)
+            runner = OnnxModel(data, threads=threads)
+            result["max_abs_diff_onnx_vs_masked"] = max_abs_difference(src.model, runner, X)
+            result["max_abs_diff_onnx_vs_pytorch"] = max_abs_difference(compact, runner, X)
+            diff = max(diff, result["max_abs_diff_onnx_vs_masked"])
+        if y is not None:
+            result["test_error_masked"] = _error(src.model, X, y) / len(y)
+            result["test_error_compact"] = _error(compact, X, y) / len(y)
+        result["check_passed"] = bool(diff < tolerance)
+        if not result["check_passed"]:
+            raise NestError(f"export check failed: the compact model's outputs differ from the masked model's "
+                            f"by up to {diff:.3g} (tolerance {tolerance:g}); nothing was written.")
+        if fmt == "onnx":  # write exactly the bytes that were checked
+            ckpt.atomic_write_bytes(path, data)
+            files = [path]
+        else:
+            files = save_artifact(compact, path, fmt)
+        result["artifact"] = str(path)
+        result["files"] = _sizes(files)
+        result["source_model_bytes"] = src.model_file.stat().st_size
+        result["nnz_flops"] = 2 * compact.nnz()
+        result["executed_flops"] = compact.executed_flops() if fmt != "onnx" else dense_flops(compact.widths)
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        result["threads"] = torch.get_num_threads()
+        report_file = path.with_name(path.name + ".export.json")  # compact.pt.export.json
+        ckpt.atomic_write_text(report_file, json.dumps(result, indent=2) + "\n")
+        result["report_file"] = str(report_file)
+        return result
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def format_export(result: dict) -> str:
+    lines = [f"{'layer':<7}{'in':>6}{'out':>6}{'nnz':>8}{'density':>9}  storage  reason"]
+    for d in result["layers"]:
+        nnz = round(d["density"] * d["in"] * d["out"])
+        lines.append(f"fc{d['layer'] + 1:<5}{d['in']:>6}{d['out']:>6}{nnz:>8}{d['density']:>9.3f}  "
+                     f"{d['storage']:<8} {d['reason']}")
+    removed = result["removed_neurons"]
+    lines.append(f"widths {'-'.join(map(str, result['widths_masked']))} -> "
+                 f"{'-'.join(map(str, result['widths_compact']))} (inputs read {result['inputs_read']} of "
+                 f"{result['inputs']}; hidden neurons removed: dead {removed['dead']}, constant folded "
+                 f"{removed['constant_folded']})")
+    what = "test set" if result["check_inputs"] == "test" else "random inputs"
+    lines.append(f"check on {result['check_samples']} {what}: max |compact - masked| = "
+                 f"{result['max_abs_diff']:.3g}" +
+                 (f", ONNX (onnxruntime) vs masked {result['max_abs_diff_onnx_vs_masked']:.3g}, vs PyTorch "
+                  f"{result['max_abs_diff_onnx_vs_pytorch']:.3g}" if "max_abs_diff_onnx_vs_masked" in result
+                  else "") + f" (< {result['tolerance']:g}: ok)")
+    if "test_error_compact" in result:
+        lines.append(f"test error: masked {100 * result['test_error_masked']:.2f}%, compact "
+                     f"{100 * result['test_error_compact']:.2f}%")
+    for p, size in result["files"].items():
+        lines.append(f"wrote {p} ({size:,} bytes; masked model.pt {result['source_model_bytes']:,} bytes)")
+    lines.append(f"report: {result['report_file']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def evaluate_artifact(path: str | Path, dataset: str | None = None, data_dir: str | None = None,
+                      batch_size: int = 1024) -> dict:
+    """Test error of an exported model (any format)."""
+    path = Path(path)
+    model = load_artifact(path)
+    meta = model.meta
+    dataset = dataset or meta.get("dataset")
+    if not data_dir and meta.get("data_dir") and Path(meta["data_dir"]).is_dir():
+        data_dir = meta["data_dir"]
+    test = _test_set(dataset, data_dir)
+    n_inputs = model.n_inputs if isinstance(model, CompactMLP) else (model.arch.get("n_inputs")
+                                                                     or test.X[0].numel())
+    _check_width(int(n_inputs), test.X, str(path))
+    wrong = _error(model, test.X, test.y, batch_size)
+    return {"artifact": str(path), "format": format_of(path), "dataset": dataset, "samples": len(test.y),
+            "errors": wrong, "test_error": wrong / len(test.y)}
+
+
+# ---------------------------------------------------------------------------- bench-infer
+
+
+def dense_reference_model(widths, activations, input_shape=None, seed: int = 0) -> CompactMLP:
+    """A dense inference MLP of the reference widths (random weights; for timing only)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        bound = 1.0 / a ** 0.5
+        w = (torch.rand(b, a, generator=g) * 2 - 1) * bound
+        act = activations[i] if i < len(widths) - 2 else None
+        layers.append(CompactLinear(w, torch.zeros(b), "dense", act, {"storage": "dense"}))
+    return CompactMLP(layers, input_shape, None, widths[0]).eval()
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: str | Path | None = None,
+                    batch_sizes=BATCH_SIZES, repeats: int = 30, warmup: int = 10, threads: int = 1,
+                    out: str | Path | None = None) -> dict:
+    """Latency of the dense reference, the masked, the compact and the ONNX model; writes inference.json.
+
+    Args:
+        artifact: a compact ``.pt`` or ``.safetensors`` model from ``nestsynth export``.
+        run: the run directory with the masked model (default: the one the artifact records).
+        onnx: an ``.onnx`` export to time (default: a sibling ``.onnx`` file, else the
+            artifact converted in memory); skipped when onnxruntime is not installed.
+        threads: intra-op threads for PyTorch and onnxruntime.
+        out: where to write the JSON (default: ``inference.json`` beside the artifact).
+    """
+    artifact = Path(artifact)
+    if format_of(artifact) == "onnx":
+        raise NestError("bench-infer takes the PyTorch or safetensors artifact; pass the ONNX file with --onnx.")
+    if threads < 1:
+        raise NestError(f"--threads must be at least 1, got {threads}.")
+    if repeats < 3:
+        raise NestError(f"--repeats must be at least 3, got {repeats}.")
+    compact = load_artifact(artifact)
+    run = run or compact.meta.get("source_run") or compact.meta.get("source_model")
+    if not run:
+        raise NestError(f"{str(artifact)!r} does not record its run; pass --run RUN_DIR.")
+    src = load_source(run)
+    if src.model.widths[0] != compact.n_inputs or src.model.widths[-1] != compact.layers[-1].out_features:
+        raise NestError(f"the run {str(run)!r} does not hold the model {str(artifact)!r} was exported from.")
+    shape = compact.input_shape or src.input_shape or [compact.n_inputs]
+    ref_widths = src.reference_widths
+    reference = dense_reference_model(ref_widths, src.model.activation_specs, shape)
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        variants = [("dense reference", reference, dense_flops(ref_widths), ref_widths, "random weights"),
+                    ("masked", src.model, dense_flops(src.model.widths), src.model.widths,
+                     "SparseMLP: dense matmul of W*mask, batch norm"),
+                    ("compact (PyTorch)", compact, compact.executed_flops(), compact.widths,
+                     "storage " + "/".join(compact.storages()))]
+        if "csr" in compact.storages():
+            variants.append(("compact, all dense", compact.densified(), dense_flops(compact.widths),
+                             compact.widths, "same widths, no CSR"))
+        onnx_file, onnx_note = None, None
+        if _onnx_available():
+            if onnx:
+                onnx_file = Path(onnx)
+                runner = load_onnx(onnx_file, threads)
+            else:
+                sibling = artifact.with_suffix(".onnx")
+                if sibling.is_file():
+                    onnx_file = sibling
+                    runner = OnnxModel(sibling.read_bytes(), threads)
+                else:
+                    runner = OnnxModel(onnx_bytes(compact), threads)
+                    onnx_note = "converted in memory from the artifact"
+            variants.append(("ONNX (onnxruntime)", runner, dense_flops(compact.widths), compact.widths,
+                             onnx_note or f"{onnx_file}"))
+        else:
+            onnx_note = "skipped: onnxruntime not installed (pip install 'nestsynth[onnx]')"
+        nnz_flops = 2 * compact.nnz()
+        ref_flops = dense_flops(ref_widths)
+        g = torch.Generator().manual_seed(0)
+        inputs = {b: torch.rand(b, *shape, generator=g) for b in batch_sizes}
+        rows = []
+        for name, model, flops, widths, note in variants:
+            row = {"name": name, "widths": list(widths), "executed_flops": int(flops),
+                   "flop_ratio": ref_flops / max(flops, 1), "note": note, "latency": {}}
+            for b in batch_sizes:
+                x = inputs[b]
+                if isinstance(model, OnnxModel):
+                    xn = x.reshape(b, *(model.input_shape or [-1])).numpy()
+                    fn = (lambda m=model, xn=xn: m.run_numpy(xn))
+                else:
+                    fn = (lambda m=model, x=x: m(x))
+                row["latency"][str(b)] = measure_latency(fn, warmup=warmup, repeats=repeats)
+            if name != "dense reference":
+                with torch.inference_mode():
+                    x = inputs[batch_sizes[-1]]
+                    row["max_abs_diff_vs_masked"] = float((model(x) - src.model(x)).abs().max())
+            rows.append(row)
+        base = rows[0]["latency"]
+        for row in rows:
+            for b in batch_sizes:
+                lat = row["latency"][str(b)]
+                lat["speedup"] = base[str(b)]["median_ms"] / lat["median_ms"]
+        files = {"masked model.pt": src.model_file.stat().st_size}
+        for f in artifact_files(artifact):
+            files[f.name] = f.stat().st_size
+        for suffix in (".pt", ".safetensors", ".onnx"):
+            sib = artifact.with_suffix(suffix)
+            if sib != artifact and sib.is_file():
+                for f in artifact_files(sib):
+                    files[f.name] = f.stat().st_size
+        if onnx_file is not None and onnx_file.is_file():
+            files[onnx_file.name] = onnx_file.stat().st_size
+        files["dense reference (fp32 weights+biases, computed)"] = 4 * sum(
+            a * b + b for a, b in zip(ref_widths[:-1], ref_widths[1:]))
+        result = {"artifact": str(artifact), "run": str(run), "input_shape": list(shape),
+                  "batch_sizes": list(batch_sizes), "threads": int(threads), "repeats": repeats,
+                  "warmup": warmup,
+                  "flops": {"dense_reference": ref_flops, "nonzero": nnz_flops,
+                            "nonzero_ratio": ref_flops / max(nnz_flops, 1)},
+                  "storage": [layer.spec() for layer in compact.layers],
+                  "onnx": onnx_note, "variants": rows, "file_bytes": files,
+                  "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                                  "machine": platform.machine(), "processor": platform.processor()}}
+        if _onnx_available():
+            import onnxruntime
+
+            result["environment"]["onnxruntime"] = onnxruntime.__version__
+        path = Path(out) if out else artifact.parent / "inference.json"
+        ckpt.atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+        result["output_file"] = str(path)
+        return result
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def format_inference_table(result: dict) -> str:
+    """The latency table: median ms [IQR] and speedup per batch size, with the FLOP ratio."""
+    bs = result["batch_sizes"]
+    head = f"{'model':<20}{'FLOPs':>9}{'FLOP ratio':>11}" + "".join(
+        f"{'batch ' + str(b) + ': ms [IQR] speedup':>34}" for b in bs)
+    lines = [head]
+    for row in result["variants"]:
+        lines.append(f"{row['name']:<20}{row['executed_flops']:>9}{row['flop_ratio']:>10.1f}x" + "".join(
+            f"{row['latency'][str(b)]['median_ms']:>13.4f} [{row['latency'][str(b)]['iqr_ms']:.4f}]"
+            f"{row['latency'][str(b)]['speedup']:>9.2f}x" for b in bs))
+    fl = result["flops"]
+    lines.append(f"FLOPs = multiply-adds actually executed x2; non-zero-weight FLOPs {fl['nonzero']} "
+                 f"({fl['nonzero_ratio']:.1f}x fewer than the dense reference's {fl['dense_reference']}). "
+                 f"{result['threads']} thread(s), {result['repeats']} repeats after warm-up.")
+    if result.get("onnx"):
+        lines.append(f"ONNX: {result['onnx']}")
+    lines.append("file sizes: " + ", ".join(f"{k} {v:,} B" for k, v in result["file_bytes"].items()))
+    lines.append(f"written: {result['output_file']}")
+    return "\n".join(lines)
