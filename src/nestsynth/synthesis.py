@@ -136,11 +136,12 @@ class Synthesis:
         st.weights["seed"] = self.model.active_weights()
         st.widths["seed"] = self.model.widths
         self._snapshot("seed")
-        self._log("seed", 0, val=self._val())
+        val = self._val()
+        self._log("seed", 0, val=val)
         st.target = cfg.target_error
         st.phase = "dense" if (st.target is None or cfg.dense.train) and cfg.growth.enabled else "growth"
         if not cfg.growth.enabled:
-            self._enter_pruning(self._val())
+            self._enter_pruning(val)
         self._save()
 
     def _dense_step(self) -> None:

@@ -248,18 +248,9 @@ class CompactMLP(nn.Module):
 
 
 def folded_layers(model: SparseMLP) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(W, b) per layer in float64 with masks applied and batch norm (affine) folded in."""
-    out = []
-    for i, layer in enumerate(model.layers):
-        w = (layer.weight.detach() * layer.mask).double()
-        b = layer.bias.detach().double()
-        if model.norms and i < model.n_hidden:
-            bn = model.norms[i]
-            scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-            w = w * scale.unsqueeze(1)
-            b = (b - bn.running_mean.double()) * scale + bn.bias.detach().double()
-        out.append((w.clone(), b.clone()))
-    return out
+    """(W, b) per layer in float64 with masks applied and batch norm (affine) folded in;
+    fresh copies, which :func:`prune_dead_neurons` edits in place."""
+    return [tuple(t.clone() for t in model.folded_layer(i, torch.float64)) for i in range(len(model.layers))]
 
 
 def prune_dead_neurons(weights: list[torch.Tensor], biases: list[torch.Tensor],

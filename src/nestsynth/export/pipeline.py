@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,18 @@ def _check_width(n_inputs: int, X: torch.Tensor, what: str) -> None:
         raise NestError(f"the data set's samples have {X[0].numel()} values but {what} expects {n_inputs}.")
 
 
+@contextmanager
+def _torch_threads(threads: int | None):
+    """Run the block with ``threads`` intra-op threads (None: unchanged), then restore."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _sizes(paths) -> dict:
     return {str(p): p.stat().st_size for p in paths if p.is_file()}
 
@@ -145,10 +158,7 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
     path = Path(out) if out else (src.run_dir or src.model_file.parent) / "export" / f"compact{SUFFIX[fmt]}"
     if path.suffix.lower() != SUFFIX[fmt]:
         raise NestError(f"--out {str(path)!r} must end in {SUFFIX[fmt]} for --format {fmt}.")
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
+    with _torch_threads(threads):
         started = time.perf_counter()
         storage = "dense" if fmt == "onnx" else sparse
         meta = {"name": src.name, "dataset": dataset or src.dataset, "data_dir": data_dir or src.data_dir,
@@ -198,8 +208,6 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
         ckpt.atomic_write_text(report_file, json.dumps(result, indent=2) + "\n")
         result["report_file"] = str(report_file)
         return result
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def format_export(result: dict) -> str:
@@ -304,9 +312,7 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
     ref_widths = src.reference_widths
     reference = dense_reference_model(ref_widths, src.model.activation_specs, shape)
 
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
+    with _torch_threads(threads):
         variants = [("dense reference", reference, dense_flops(ref_widths), ref_widths, "random weights"),
                     ("masked", src.model, dense_flops(src.model.widths), src.model.widths,
                      "SparseMLP: dense matmul of W*mask, batch norm"),
@@ -387,8 +393,6 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
         ckpt.atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         result["output_file"] = str(path)
         return result
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def format_inference_table(result: dict) -> str:

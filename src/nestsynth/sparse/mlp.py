@@ -150,14 +150,24 @@ class SparseMLP(nn.Module):
             w = w / torch.sqrt(bn.running_var + bn.eps).unsqueeze(1)
         return w
 
-    def effective_bias(self, i: int) -> torch.Tensor:
-        """The bias after folding BN (affine included) into layer i, for inference."""
-        b = self.layers[i].bias.detach()
+    def folded_layer(self, i: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, b) of layer i for inference: mask applied, batch norm (affine included) folded in.
+
+        Args:
+            dtype: computation dtype (export folds in float64).
+        """
+        w = (self.layers[i].weight.detach() * self.layers[i].mask).to(dtype)
+        b = self.layers[i].bias.detach().to(dtype)
         if self.norms and i < self.n_hidden:
             bn = self.norms[i]
-            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-            b = (b - bn.running_mean) * scale + bn.bias.detach()
-        return b
+            scale = bn.weight.detach().to(dtype) / torch.sqrt(bn.running_var.to(dtype) + bn.eps)
+            w = w * scale.unsqueeze(1)
+            b = (b - bn.running_mean.to(dtype)) * scale + bn.bias.detach().to(dtype)
+        return w, b
+
+    def effective_bias(self, i: int) -> torch.Tensor:
+        """The bias after folding BN (affine included) into layer i, for inference."""
+        return self.folded_layer(i)[1]
 
     def nonzero_biases(self, i: int) -> int:
         return int(torch.count_nonzero(self.effective_bias(i)))
