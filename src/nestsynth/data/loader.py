@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from nestsynth.data.base import DataBundle, Dataset, check_fraction, split_validation
+from nestsynth.data.cifar10 import load_cifar10
 from nestsynth.data.digits import load_digits
 from nestsynth.data.mnist import load_mnist
 from nestsynth.data.npz import load_npz
 from nestsynth.errors import NestError
 
-DATASETS: tuple[str, ...] = ("mnist", "digits", "npz:PATH")
+DATASETS: tuple[str, ...] = ("mnist", "cifar10", "digits", "npz:PATH")
 
 
 def _image_shape(data: Dataset) -> tuple[int, ...]:
@@ -27,12 +28,12 @@ def load_dataset(
     """Load a dataset by name and carve a validation part out of its training part.
 
     Args:
-        name: ``"mnist"``, ``"digits"`` or ``"npz:PATH"`` (case-insensitive names).
-        data_dir: MNIST folder (or its parent); None uses ``NESTSYNTH_DATA_DIR`` or
-            ``~/.cache/nestsynth/mnist``.  Ignored by the other datasets.
+        name: ``"mnist"``, ``"cifar10"``, ``"digits"`` or ``"npz:PATH"`` (case-insensitive names).
+        data_dir: MNIST or CIFAR-10 folder (or its parent); None uses ``NESTSYNTH_DATA_DIR``
+            or ``~/.cache/nestsynth/<name>``.  Ignored by the other datasets.
         val_fraction: share of the training part used for validation, in ``[0, 1)``.
         split_seed: seed of the validation split (the test part never depends on it).
-        download: let MNIST fetch missing files from the public mirrors.
+        download: let MNIST / CIFAR-10 fetch missing files from the public mirrors.
 
     Returns:
         The :class:`DataBundle`.
@@ -49,6 +50,9 @@ def load_dataset(
     if key.lower() == "mnist":
         train, test = load_mnist(data_dir, download)
         key, shape, classes = "mnist", _image_shape(train), 10
+    elif key.lower() == "cifar10":
+        train, test = load_cifar10(data_dir, download)
+        key, shape, classes = "cifar10", _image_shape(train), 10
     elif key.lower() == "digits":
         train, test = load_digits()
         key, shape, classes = "digits", _image_shape(train), 10
