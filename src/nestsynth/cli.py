@@ -21,6 +21,44 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nestsynth", description="NeST grow-and-prune network synthesis.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synthesize", help="grow and prune a network, writing a run directory")
+    _add_run_options(s)
+    pr = sub.add_parser("prune", help="run a registered method (a baseline or nest) into a run directory")
+    pr.add_argument("--method", required=True, help="registered method name (see nestsynth methods)")
+    _add_run_options(pr)
+    r = sub.add_parser("report", help="print a run's per-layer table and redraw its plots")
+    r.add_argument("run_dir")
+    r.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    m = sub.add_parser("models", help="list the registered reference architectures")
+    m.add_argument("--json", action="store_true")
+    me = sub.add_parser("methods", help="list the registered compression methods")
+    me.add_argument("--json", action="store_true")
+    c = sub.add_parser("compare", help="run several methods over several seeds and tabulate them")
+    c.add_argument("--methods", required=True, help="comma-separated method names, e.g. nest,han,gradual")
+    c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1; default 3)")
+    c.add_argument("--config", help="TOML config shared by every run ([train], [data], NeST's sections, "
+                   "[methods.NAME])")
+    c.add_argument("--model", help="registered model name or mlp:IN-H1-...-OUT")
+    c.add_argument("--dataset", help="mnist, digits or npz:PATH")
+    c.add_argument("--data-dir", help="folder holding the data set files")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    c.add_argument("--out", help="comparison directory (default: runs/compare_MODEL_DATASET)")
+    c.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
+    c.add_argument("--threads", type=int, default=0, help="intra-op threads per run (default: PyTorch's; "
+                   "1 with --jobs > 1)")
+    c.add_argument("--title", help="title of comparison.md and pareto.png")
+    k = sub.add_parser("compress", help="Deep Compression (weight sharing + Huffman) of a finished run")
+    k.add_argument("run_dir")
+    k.add_argument("--bits", type=int, default=5, help="bits per shared-weight index (default 5)")
+    k.add_argument("--index-bits", type=int, default=5, help="bits per relative sparse index (default 5)")
+    k.add_argument("--finetune-epochs", type=int, default=1, help="retraining epochs of the centroids (default 1)")
+    k.add_argument("--data-dir", help="folder holding the data set files")
+    k.add_argument("--json", action="store_true")
+    _add_export_parsers(sub)
+    return p
+
+
+def _add_run_options(s) -> None:
     s.add_argument("--config", help="TOML config file (see configs/)")
     s.add_argument("--model", help="registered model name or mlp:IN-H1-...-OUT")
     s.add_argument("--dataset", help="mnist, digits or npz:PATH")
@@ -32,19 +70,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set growth.alpha=0.5 (repeatable)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    r = sub.add_parser("report", help="print a run's per-layer table and redraw its plots")
-    r.add_argument("run_dir")
-    r.add_argument("--json", action="store_true", help="print report.json instead of the table")
-    m = sub.add_parser("models", help="list the registered reference architectures")
-    m.add_argument("--json", action="store_true")
-    _add_export_parsers(sub)
-    return p
 
 
 def _overrides(args) -> list[str]:
     sets = []
-    for key, value in (("model", args.model), ("data.dataset", args.dataset), ("seed", args.seed),
-                       ("device", args.device)):
+    for key, value in (("model", args.model), ("data.dataset", args.dataset),
+                       ("seed", getattr(args, "seed", None)), ("device", args.device),
+                       ("method", getattr(args, "method", None))):
         if value is not None:
             sets.append(f"{key}={json.dumps(value)}")
     if args.data_dir is not None:
@@ -53,12 +85,14 @@ def _overrides(args) -> list[str]:
 
 
 def default_run_dir(cfg) -> Path:
-    name = f"{cfg.model}_{cfg.data.dataset}_seed{cfg.seed}"
+    prefix = "" if cfg.method == "nest" else f"{cfg.method}_"
+    name = f"{prefix}{cfg.model}_{cfg.data.dataset}_seed{cfg.seed}"
     return Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
 def cmd_synthesize(args) -> int:
-    from .api import load_run_config, resolve_reference, run_synthesis
+    from .api import load_run_config, resolve_reference
+    from .baselines.runner import run_method
     from .data import load_dataset
     from .report import format_layer_table
 
@@ -67,7 +101,8 @@ def cmd_synthesize(args) -> int:
         if not args.out:
             raise NestError("--resume needs --out RUN_DIR, the run to continue.")
         out = Path(args.out)
-        cfg = load_run_config(out)
+        cfg = (load_run_config(out) if ckpt.checkpoint_path(out).is_file() or not ckpt.config_path(out).is_file()
+               else config_mod.load(ckpt.config_path(out)))  # a baseline run has no checkpoint
         changed = config_mod.load(args.config, sets, base=cfg) if (args.config or sets) else cfg
         if changed.digest() != cfg.digest():
             raise NestError(f"--resume continues {str(out)!r} with its own config.toml; drop the other "
@@ -84,7 +119,7 @@ def cmd_synthesize(args) -> int:
     shown = [0]
 
     def tell(state):
-        if args.quiet or len(state.history) == shown[0]:
+        if args.quiet or not hasattr(state, "phase") or len(state.history) == shown[0]:
             return
         shown[0] = len(state.history)
         row = state.history[-1]
@@ -93,8 +128,8 @@ def cmd_synthesize(args) -> int:
                   f"val error {100 * row['val_error']:.2f}% ({row['seconds']:.1f} s)", flush=True)
 
     try:
-        _, report = run_synthesis(cfg, data, reference, out, resume=args.resume, progress=progress,
-                                  on_iteration=tell)
+        _, report = run_method(cfg, data, reference, out, resume=args.resume, progress=progress,
+                               on_iteration=tell)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint is in {out}; continue with "
               f"nestsynth synthesize --out {out} --resume", file=sys.stderr)
@@ -141,10 +176,72 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_methods(args) -> int:
+    import dataclasses
+
+    from .baselines import list_methods
+
+    rows = [{"name": "nest", "description": "NeST: grow from a sparse seed, then prune (sections growth, pruning)",
+             "options": []}]
+    rows += [{"name": m.name, "description": m.description,
+              "options": [f.name for f in dataclasses.fields(m.config)]} for m in list_methods()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<12}{r['description']}")
+        if r["options"]:
+            print(f"{'':<12}[methods.{r['name']}] {', '.join(r['options'])}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .baselines.compare import plan, run_all, write_comparison
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.seeds < 1:
+        raise NestError(f"--seeds must be at least 1, got {args.seeds}.")
+    if args.jobs < 1:
+        raise NestError(f"--jobs must be at least 1, got {args.jobs}.")
+    base = config_mod.load(args.config, _overrides(args))
+    out = Path(args.out) if args.out else Path("runs") / re.sub(
+        r"[^A-Za-z0-9_.-]+", "-", f"compare_{base.model}_{base.data.dataset}")
+    jobs = plan(base, methods, list(range(args.seeds)), out)
+    title = args.title or f"{base.model} on {base.data.dataset}: {args.seeds} seeds per method"
+    try:
+        reports, failures = run_all(jobs, None, args.jobs, args.threads,
+                                    tell=print)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are kept in {out}; run the same command to continue",
+              file=sys.stderr)
+        return 130
+    paths = write_comparison(reports, jobs, out, title, failures)
+    print(paths[0].read_text())
+    for p in paths:
+        print(f"wrote {p}")
+    if failures:
+        raise NestError(f"{len(failures)} of {len(jobs)} runs failed (listed in {paths[0]}).")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .compress.pipeline import compress_run
+
+    result = compress_run(Path(args.run_dir), bits=args.bits, index_bits=args.index_bits,
+                          finetune_epochs=args.finetune_epochs, data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from .compress.pipeline import format_compression
+    print(format_compression(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nestsynth`` console script."""
     args = _parser().parse_args(argv)
-    handlers = {"synthesize": cmd_synthesize, "report": cmd_report, "models": cmd_models}
+    handlers = {"synthesize": cmd_synthesize, "prune": cmd_synthesize, "report": cmd_report,
+                "models": cmd_models, "methods": cmd_methods, "compare": cmd_compare, "compress": cmd_compress}
     handlers.update(EXPORT_HANDLERS)
     try:
         return handlers[args.command](args)

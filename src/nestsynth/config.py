@@ -47,6 +47,7 @@ class SeedNetConfig:
 
     ratio: float = 0.4
     density: float = 0.1
+    topology: str = "random"  # random | radix (RadiX-Net masks, density quantized; seeds/radix.py)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Config:
     """Everything a synthesis run depends on."""
 
     model: str = "lenet-300-100"
+    method: str = "nest"  # nest, or a registered baseline (nestsynth.baselines)
     seed: int = 0
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
@@ -126,10 +128,24 @@ class Config:
     dense: DenseConfig = field(default_factory=DenseConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    # one section per baseline, [methods.NAME]; the type is built from the method registry
+    methods: Any = field(default_factory=lambda: _methods_default())
 
     # ---- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The TOML layout.  Only what the run's method reads is kept: a NeST run has no
+        ``method``/``methods`` keys (so its digest is that of earlier versions), and a
+        baseline run keeps its own ``[methods.NAME]`` section instead of NeST's
+        seed_net/dense/growth/pruning sections."""
+        d = dataclasses.asdict(self)
+        if self.method == NEST_METHOD:
+            d.pop("method")
+            d.pop("methods")
+        else:
+            d["methods"] = {self.method: d["methods"][self.method]}
+            for key in ("seed_net", "dense", "growth", "pruning"):
+                d.pop(key)
+        return d
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
@@ -151,6 +167,15 @@ class Config:
         return None if self.growth.target == "dense" else float(self.growth.target)
 
 
+NEST_METHOD = "nest"
+
+
+def _methods_default():
+    from .baselines.registry import methods_config_type
+
+    return methods_config_type()()
+
+
 def _section_types(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
@@ -159,6 +184,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Check ``value`` against the annotated type, converting ints to floats."""
     if get_origin(typ) is Union:
         typ = next(t for t in get_args(typ) if t is not type(None))
+    if typ is list or get_origin(typ) is list:  # list[int] etc.: check every element
+        if not isinstance(value, list):
+            raise NestError(f"config key {key!r} must be a list, got {value!r}.")
+        (item,) = get_args(typ) or (Any,)
+        return value if item is Any else [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -256,9 +286,13 @@ def parse_override(item: str) -> dict[str, Any]:
     return nested
 
 
-def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+def check(ok: bool, key: str, value: Any, valid: str) -> None:
+    """Raise ``NestError("KEY = VALUE is out of range; it must be VALID.")`` unless ``ok``."""
     if not ok:
         raise NestError(f"{key} = {value!r} is out of range; it must be {valid}.")
+
+
+_check = check
 
 
 def validate(cfg: Config) -> None:
@@ -273,6 +307,7 @@ def validate(cfg: Config) -> None:
            "positive with scale_min <= scale_max")
     _check(0 < s.ratio <= 1, "seed_net.ratio", s.ratio, "in (0, 1]")
     _check(0 < s.density <= 1, "seed_net.density", s.density, "in (0, 1]")
+    _check(s.topology in ("random", "radix"), "seed_net.topology", s.topology, "random or radix")
     _check(t.optimizer in ("adam", "sgd"), "train.optimizer", t.optimizer, "adam or sgd")
     _check(t.lr > 0, "train.lr", t.lr, "positive")
     _check(t.schedule in ("cosine", "constant"), "train.schedule", t.schedule, "cosine or constant")
@@ -308,3 +343,16 @@ def validate(cfg: Config) -> None:
     _check(p.tolerance >= 0, "pruning.tolerance", p.tolerance, "non-negative")
     _check(p.neuron_threshold >= 0, "pruning.neuron_threshold", p.neuron_threshold, "non-negative")
     _check(p.final_lr_scale > 0, "pruning.final_lr_scale", p.final_lr_scale, "positive")
+    _validate_method(cfg)
+
+
+def _validate_method(cfg: Config) -> None:
+    from .baselines.registry import method_names
+
+    names = method_names()
+    if cfg.method not in names:
+        raise NestError(f"unknown method {cfg.method!r}; known methods: {', '.join(names)}.")
+    if cfg.method != NEST_METHOD:
+        mcfg = getattr(cfg.methods, cfg.method)
+        if hasattr(mcfg, "validate"):
+            mcfg.validate(f"methods.{cfg.method}")

@@ -54,6 +54,7 @@ class LoopState:
     widths: dict = field(default_factory=dict)
     post_growth_layers: list = field(default_factory=list)
     frozen: list = field(default_factory=list)  # layers no longer pruned (pruning.layer_rest)
+    epochs: int = 0  # training epochs spent (dense reference included): the budget
     history: list = field(default_factory=list)
 
 
@@ -96,7 +97,7 @@ class Synthesis:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.state = LoopState()
         self.model = make_seed(self.ref_widths, cfg.seed_net.ratio, cfg.seed_net.density, self.generator,
-                               self.ref_acts, self.ref_bn).to(self.device)
+                               self.ref_acts, self.ref_bn, cfg.seed_net.topology).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.accepted: dict | None = None
         self._last: dict | None = None
@@ -330,6 +331,7 @@ class Synthesis:
                     if t.schedule == "cosine" else (lambda b: lr)
                 loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, generator,
                                    self._augment(generator), bar.update, lr_at)
+                self.state.epochs += 1
         return loss
 
     def _val(self, model=None) -> float:

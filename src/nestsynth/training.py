@@ -38,10 +38,15 @@ def cosine_lr(step: int, total: int, lr: float, min_scale: float) -> float:
 def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: int,
                 generator: torch.Generator, augment: Callable | None = None,
                 progress: Callable[[int], None] | None = None,
-                lr_at: Callable[[int], float] | None = None) -> float:
+                lr_at: Callable[[int], float] | None = None,
+                penalty: Callable[[], torch.Tensor] | None = None,
+                after_step: Callable[[], None] | None = None) -> float:
     """One epoch of minibatch training in a random order drawn from ``generator``.
 
     ``lr_at(batch_index)`` (optional) sets the learning rate before every batch.
+    ``penalty()`` (optional) is added to every batch loss (regularizers such as L0);
+    the reported loss excludes it.  ``after_step()`` (optional) runs after every
+    optimizer step (mask re-application, gradual pruning, custom updates).
 
     Returns:
         The mean training loss.
@@ -60,11 +65,14 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
         if augment is not None:
             xb = augment(xb)
         loss = F.cross_entropy(model(xb), yb)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"training loss became {loss.item()}")
+        full = loss + penalty() if penalty is not None else loss
+        if not torch.isfinite(full):
+            raise NonFiniteLoss(f"training loss became {full.item()}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        full.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += loss.item() * len(idx)
         count += len(idx)
         if progress is not None:

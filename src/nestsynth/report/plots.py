@@ -24,14 +24,17 @@ def plot_connections(history: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = list(range(len(rows)))
     ax.plot(xs, [r["weights"] for r in rows], color="black", lw=1)
-    for phase, colour in PHASE_COLOURS.items():
+    phases = list(dict.fromkeys(r["phase"] for r in rows))  # baselines log their own phase names
+    others = iter(c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c not in PHASE_COLOURS.values())
+    for phase in phases:
+        colour = PHASE_COLOURS.get(phase) or next(others, "tab:olive")
         pts = [(x, r["weights"]) for x, r in zip(xs, rows) if r["phase"] == phase and r.get("accepted", True)]
         if pts:
             ax.scatter(*zip(*pts), s=10, color=colour, label=phase, zorder=3)
     rejected = [(x, r["weights"]) for x, r in zip(xs, rows) if r.get("accepted") is False]
     if rejected:
         ax.scatter(*zip(*rejected), s=30, marker="x", color="black", label="rejected (rest)", zorder=3)
-    ax.set_xlabel("synthesis iteration")
+    ax.set_xlabel("iteration")
     ax.set_ylabel("active connections")
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)

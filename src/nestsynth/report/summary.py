@@ -16,10 +16,11 @@ from ..sparse import SparseMLP
 MODEL_FORMAT = "nestsynth-model"
 
 
-def build_report(*, cfg, model_name: str, dataset: str, state, rows: list[dict],
-                 test_error: float | None, val_error: float | None, ref_widths, final_widths,
-                 device: str, input_shape=None) -> dict:
-    """The report of a finished run (the layout of ``report.json``).
+def core_report(*, cfg, method: str, model_name: str, dataset: str, rows: list[dict],
+                test_error: float | None, val_error: float | None, ref_widths, final_widths,
+                device: str, input_shape=None, dense: dict | None = None, epochs: int | None = None,
+                wall: float = 0.0) -> dict:
+    """The part of ``report.json`` every method shares (NeST and the baselines).
 
     ``compression.flops`` divides the dense reference's FLOPs by the final model's
     activation-aware FLOPs, as the paper's 79.4x for LeNet-300-100 (532K / 6.7K) does.
@@ -27,38 +28,52 @@ def build_report(*, cfg, model_name: str, dataset: str, state, rows: list[dict],
     tot = totals(rows)
     ref_weights = sum(a * b for a, b in zip(ref_widths[:-1], ref_widths[1:]))
     ref_flops = dense_flops(ref_widths)
-    growth_rows = [r for r in state.history if r["phase"] == "growth"]
-    prune_rows = [r for r in state.history if r["phase"] == "pruning"]
-    dense = dict(state.dense or {})
     return {
+        "method": method,
         "model": model_name,
         "dataset": dataset,
         "input_shape": list(input_shape) if input_shape else None,
         "seed": cfg.seed,
         "test_error": test_error,
         "val_error": val_error,
-        "weights": {"seed": state.weights.get("seed"), "post_growth": state.weights.get("post_growth"),
-                    "final": tot["weights"]},
+        "weights": {"seed": None, "post_growth": None, "final": tot["weights"]},
         "parameters_final": tot["parameters"],
         "flops": {"final": round(tot["flops"]), "final_act": round(tot["flops_act"])},
-        "widths": {"reference": list(ref_widths), "seed": state.widths.get("seed"),
-                   "post_growth": state.widths.get("post_growth"), "final": list(final_widths)},
-        "dense_reference": {"widths": list(ref_widths), "weights": ref_weights, "flops": ref_flops, **dense},
+        "widths": {"reference": list(ref_widths), "seed": None, "post_growth": None,
+                   "final": list(final_widths)},
+        "dense_reference": {"widths": list(ref_widths), "weights": ref_weights, "flops": ref_flops,
+                            **dict(dense or {})},
         "compression": {"weights": ref_weights / max(tot["weights"], 1),
                         "flops": ref_flops / max(tot["flops_act"], 1e-9)},
         "layers": [{k: r[k] for k in ("name", "in", "out", "weights", "parameters", "flops",
                                       "flops_act", "act_pct")} for r in rows],
-        "growth": {"target_val_error": state.target, "reached": state.reached,
-                   "iterations": len(growth_rows),
-                   "grown_connections": sum(r.get("grown_connections", 0) for r in growth_rows),
-                   "grown_neurons": [sum(x) for x in zip(*(r["grown_neurons"] for r in growth_rows
-                                                            if r.get("grown_neurons")))]},
-        "pruning": {"bound_val_error": state.bound, "iterations": len(prune_rows),
-                    "accepted_iterations": sum(bool(r.get("accepted")) for r in prune_rows)},
-        "wall_seconds": round(state.elapsed, 2),
+        "budget": {"epochs": epochs},
+        "wall_seconds": round(wall, 2),
         "environment": {"device": device, "torch": torch.__version__, "python": platform.python_version(),
                         "config_digest": cfg.digest()},
     }
+
+
+def build_report(*, cfg, model_name: str, dataset: str, state, rows: list[dict],
+                 test_error: float | None, val_error: float | None, ref_widths, final_widths,
+                 device: str, input_shape=None) -> dict:
+    """The report of a finished NeST run (the layout of ``report.json``)."""
+    report = core_report(cfg=cfg, method="nest", model_name=model_name, dataset=dataset, rows=rows,
+                         test_error=test_error, val_error=val_error, ref_widths=ref_widths,
+                         final_widths=final_widths, device=device, input_shape=input_shape,
+                         dense=state.dense, epochs=getattr(state, "epochs", None), wall=state.elapsed)
+    growth_rows = [r for r in state.history if r["phase"] == "growth"]
+    prune_rows = [r for r in state.history if r["phase"] == "pruning"]
+    report["weights"].update(seed=state.weights.get("seed"), post_growth=state.weights.get("post_growth"))
+    report["widths"].update(seed=state.widths.get("seed"), post_growth=state.widths.get("post_growth"))
+    report["growth"] = {"target_val_error": state.target, "reached": state.reached,
+                        "iterations": len(growth_rows),
+                        "grown_connections": sum(r.get("grown_connections", 0) for r in growth_rows),
+                        "grown_neurons": [sum(x) for x in zip(*(r["grown_neurons"] for r in growth_rows
+                                                                 if r.get("grown_neurons")))]}
+    report["pruning"] = {"bound_val_error": state.bound, "iterations": len(prune_rows),
+                         "accepted_iterations": sum(bool(r.get("accepted")) for r in prune_rows)}
+    return report
 
 
 def save_model(model: SparseMLP, path: Path, name: str = "custom", input_shape=None) -> None:

@@ -20,14 +20,16 @@ def format_layer_table(report: dict) -> str:
     err = report.get("test_error")
     lines += [
         "",
-        f"model {report['model']} on {report['dataset']} (seed {report['seed']})",
+        f"{report.get('method', 'nest')}: model {report['model']} on {report['dataset']} (seed {report['seed']})",
         f"test error: {'-' if err is None else f'{100 * err:.2f}%'}   "
         f"val error: {100 * (report['val_error'] or 0):.2f}%",
-        f"weights: seed {w['seed']} -> post-growth {w['post_growth']} -> final {w['final']} "
-        f"(parameters incl. biases: {report['parameters_final']})",
+        (f"weights: seed {w['seed']} -> post-growth {w['post_growth']} -> final {w['final']} "
+         if w.get("seed") is not None else f"weights: final {w['final']} ")
+        + f"(parameters incl. biases: {report['parameters_final']})",
         f"dense reference {'-'.join(map(str, ref['widths']))}: {ref['weights']} weights, {_k(ref['flops'])} FLOPs"
         + (f", test error {100 * ref['test_error']:.2f}%" if ref.get("test_error") is not None else ""),
         f"compression: {comp['weights']:.1f}x weights, {comp['flops']:.1f}x FLOPs; "
-        f"wall time {report['wall_seconds']:.0f} s",
+        f"wall time {report['wall_seconds']:.0f} s"
+        + (f", {report['budget']['epochs']} training epochs" if (report.get("budget") or {}).get("epochs") else ""),
     ]
     return "\n".join(lines)

@@ -1,0 +1,12 @@
+"""The methods NeST is measured against, run in the same harness.
+
+Each method is registered by name with its own config dataclass (TOML section
+``[methods.NAME]``) and a run function ``run(ctx, mcfg) -> SparseMLP``; see
+:mod:`nestsynth.baselines.registry` and :class:`~nestsynth.baselines.context.MethodContext`.
+:func:`~nestsynth.baselines.runner.run_method` runs any of them (or NeST itself)
+into a run directory with the same ``report.json`` as a synthesis.
+"""
+
+from .registry import NEST, Method, get_method, list_methods, method_names, register_method
+
+__all__ = ["NEST", "Method", "get_method", "list_methods", "method_names", "register_method"]

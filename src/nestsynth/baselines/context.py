@@ -1,0 +1,128 @@
+"""What a method sees: data, the reference architecture, training and logging helpers."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..config import Config
+from ..data import DataBundle, random_affine
+from ..sparse import SparseMLP
+from ..training import cosine_lr, evaluate, make_optimizer, train_epoch
+
+
+class MethodContext:
+    """The harness a baseline runs in; one per run.
+
+    Attributes:
+        cfg: the run's Config (``cfg.train`` is shared by every method).
+        data: train/val/test split; decisions may use ``val`` only, never ``test``.
+        widths, activations, batch_norm: the reference architecture.
+        device: where tensors live.
+        generator: the run's random generator (seeded from ``cfg.seed``); every random
+            choice of a method must draw from it, so runs are reproducible.
+        X, y / Xv, yv: training / validation tensors on ``device``.
+        history: logged rows (``metrics.jsonl``), see :meth:`log`.
+        epochs: training epochs spent so far (the budget reported in comparisons).
+        dense: the dense reference's errors, when the method trained one (:meth:`record_dense`).
+    """
+
+    def __init__(self, cfg: Config, data: DataBundle, widths, activations, batch_norm: bool,
+                 device: torch.device, progress: bool = False):
+        self.cfg, self.data, self.device, self.progress = cfg, data, device, progress
+        self.widths, self.activations, self.batch_norm = list(widths), activations, batch_norm
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.X, self.y = data.train.X.to(device), data.train.y.to(device)
+        self.Xv, self.yv = (data.val.X.to(device), data.val.y.to(device)) if data.val else (self.X, self.y)
+        self.history: list[dict] = []
+        self.epochs = 0
+        self.dense: dict | None = None
+        self._t0 = time.monotonic()
+
+    # ---- models ------------------------------------------------------------
+    def dense_model(self) -> SparseMLP:
+        """A freshly initialized reference-architecture model with every mask entry 1."""
+        return SparseMLP(self.widths, self.activations, self.batch_norm, generator=self.generator).to(self.device)
+
+    def optimizer(self, model, lr_scale: float = 1.0, weight_decay: float | None = None):
+        """``cfg.train``'s optimizer for ``model`` (optionally another L2 weight decay)."""
+        t = self.cfg.train
+        if weight_decay is not None:
+            import dataclasses
+            t = dataclasses.replace(t, weight_decay=weight_decay)
+        return make_optimizer(model, t, lr_scale)
+
+    # ---- training ------------------------------------------------------------
+    def train(self, model, epochs: int, optimizer=None, *, lr_scale: float = 1.0,
+              penalty: Callable[[], torch.Tensor] | None = None,
+              after_step: Callable[[], None] | None = None,
+              on_epoch: Callable[[int], None] | None = None) -> float | None:
+        """Train ``epochs`` epochs on the training split; returns the last epoch's mean loss.
+
+        Uses ``cfg.train`` (batch size, optimizer, cosine schedule over the whole call,
+        augmentation) like NeST's own training.  Masks are respected automatically
+        (dormant weights get zero gradient through ``W * M``).
+
+        Args:
+            optimizer: reuse an optimizer (default: a new one from ``cfg.train``).
+            lr_scale: learning rate relative to ``cfg.train.lr``.
+            penalty: added to every batch loss (e.g. an L0 or L2 term).
+            after_step: run after every optimizer step (e.g. gradual pruning, re-masking).
+            on_epoch: run after every epoch with the epoch index.
+        """
+        t = self.cfg.train
+        optimizer = optimizer or self.optimizer(model, lr_scale)
+        lr = t.lr * lr_scale
+        per_epoch = math.ceil(len(self.X) / t.batch_size)
+        loss = None
+        for e in range(epochs):
+            lr_at = (lambda b, e=e: cosine_lr(e * per_epoch + b, epochs * per_epoch, lr, t.min_lr_scale)) \
+                if t.schedule == "cosine" else (lambda b: lr)
+            loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, self.generator,
+                               self._augment(), None, lr_at, penalty, after_step)
+            self.epochs += 1
+            if on_epoch is not None:
+                on_epoch(e)
+        return loss
+
+    def _augment(self):
+        d = self.cfg.data
+        if not (d.augment and self.data.is_image):
+            return None
+        return lambda xb: random_affine(xb, self.generator, rotate=d.rotate, shift=d.shift,
+                                        scale=(d.scale_min, d.scale_max), shear=d.shear)
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` training examples drawn without replacement (all when n <= 0 or n >= N)."""
+        if n <= 0 or n >= len(self.X):
+            return self.X, self.y
+        idx = torch.randperm(len(self.X), generator=self.generator)[:n].to(self.device)
+        return self.X[idx], self.y[idx]
+
+    def val_error(self, model) -> float:
+        """Error on the validation split (the only data decisions may look at)."""
+        return evaluate(model, self.Xv, self.yv, self.cfg.train.eval_batch_size)[0]
+
+    def record_dense(self, model) -> float:
+        """Note the dense reference this method trained (reported beside the result)."""
+        val = self.val_error(model)
+        test = self.data.test
+        test_err = evaluate(model, test.X.to(self.device), test.y.to(self.device))[0] if test else None
+        self.dense = {"val_error": val, "test_error": test_err, "epochs": self.epochs}
+        return val
+
+    def log(self, phase: str, iteration: int, model, val: float | None = None, **extra) -> dict:
+        """Append a row to the run's history (the connections-vs-iteration plot reads it).
+
+        ``val`` is computed when not given.  Extra keys must be plain data.
+        """
+        val = self.val_error(model) if val is None else val
+        row = {"phase": phase, "iteration": iteration, "weights": model.active_weights(),
+               "layer_weights": model.active_per_layer(), "neurons": model.widths[1:-1],
+               "val_error": val, "epochs": self.epochs,
+               "seconds": round(time.monotonic() - self._t0, 3), **extra}
+        self.history.append(row)
+        return row
