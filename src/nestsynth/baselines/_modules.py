@@ -1,2 +1,3 @@
 """Imports every module that registers a method (the order is the listing order)."""
 
+from . import magnitude  # noqa: F401  dense, random, han, oneshot, gradual, lottery
