@@ -1,3 +1,4 @@
 """Imports every module that registers a method (the order is the listing order)."""
 
 from . import magnitude  # noqa: F401  dense, random, han, oneshot, gradual, lottery
+from . import saliency  # noqa: F401  snip, grasp
