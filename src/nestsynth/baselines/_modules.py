@@ -2,3 +2,4 @@
 
 from . import magnitude  # noqa: F401  dense, random, han, oneshot, gradual, lottery
 from . import saliency  # noqa: F401  snip, grasp
+from . import regularized  # noqa: F401  l0, sensitivity

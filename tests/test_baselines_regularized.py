@@ -1,0 +1,255 @@
+"""nestsynth.baselines.regularized: L0 hard-concrete gates and sensitivity-driven decay."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nest_helpers import sparse_model
+from nestsynth.baselines.context import MethodContext
+from nestsynth.baselines.regularized import (
+    BETA, GAMMA, ZETA, L0Gates, deterministic_gate, hard_concrete_sample, insensitivity_decay,
+    prob_nonzero, sensitivity, threshold_prune)
+from nestsynth.config import from_dict
+from nestsynth.errors import NestError
+
+
+def _context(digits, method: str, mcfg: dict) -> MethodContext:
+    cfg = from_dict({"method": method, "train": {"batch_size": 64}, "methods": {method: mcfg}})
+    return MethodContext(cfg, digits, [64, 32, 16, 10], "relu", False, torch.device("cpu"))
+
+
+def _spread_gates(model, seed=0, low=-4.0, high=4.0) -> L0Gates:
+    """Gates whose log_alpha spans closed (z_hat = 0), partial and open (z_hat = 1) gates."""
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.empty(layer.weight.shape).uniform_(low, high, generator=gen) for layer in model.layers]
+    return L0Gates(model, init, generator=gen)
+
+
+# ------------------------------------------------------------------------------ hard concrete
+
+LOG_ALPHAS = torch.tensor([-4.0, -2.0, -0.5, 0.0, 1.0, 3.0])
+
+
+@pytest.mark.parametrize("beta", [BETA, 0.5])
+def test_expected_l0_equals_closed_form_and_monte_carlo(beta):
+    # closed form 1 - Q(s_bar <= 0), written out with math on each entry
+    t = -GAMMA / (ZETA - GAMMA)  # s_bar <= 0  <=>  s <= t
+    for la, p in zip(LOG_ALPHAS.tolist(), prob_nonzero(LOG_ALPHAS, beta).tolist()):
+        cdf = 1.0 / (1.0 + math.exp(-(beta * math.log(t / (1 - t)) - la)))
+        assert p == pytest.approx(1.0 - cdf, abs=1e-6)
+    # Monte Carlo: fraction of sampled gates that are not exactly zero
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    u = torch.rand(n, len(LOG_ALPHAS), generator=gen)
+    z = hard_concrete_sample(LOG_ALPHAS.expand(n, -1), u, beta)
+    freq = (z != 0).float().mean(0)
+    torch.testing.assert_close(freq, prob_nonzero(LOG_ALPHAS, beta), atol=5e-3, rtol=0)  # ~5 sigma
+
+
+def test_hard_concrete_sample_formula_and_range():
+    u = torch.tensor([0.2, 0.5, 0.9, 0.5])
+    la = torch.tensor([0.3, -1.0, 2.0, -6.0])
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + la) / BETA)
+    expected = torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0, 1)
+    torch.testing.assert_close(hard_concrete_sample(la, u), expected)
+    assert float(expected[3]) == 0.0  # a closed gate is exactly zero
+
+
+def test_deterministic_gate_formula():
+    la = torch.tensor([0.0, math.log(3.0), -math.log(11.0), -10.0, 10.0, math.log(1 / 9)])
+    # sigmoid: 0.5, 0.75, 1/12, ~0, ~1, 0.1  ->  s * 1.2 - 0.1, clamped to [0, 1]
+    expected = torch.tensor([0.5, 0.8, 0.0, 0.0, 1.0, 0.02])
+    torch.testing.assert_close(deterministic_gate(la), expected, atol=1e-6, rtol=0)
+    # with u = 1/2 (no noise) and beta = 1 the sample is the test-time gate
+    torch.testing.assert_close(hard_concrete_sample(la, torch.full_like(la, 0.5), 1.0), deterministic_gate(la))
+
+
+# ------------------------------------------------------------------------------------ L0Gates
+
+
+def test_penalty_and_expected_l0_match_hand_formula():
+    model = sparse_model(density=0.6, seed=3)
+    gates = _spread_gates(model, seed=3)
+    lam, n, wd = 0.7, 50, 0.3
+    shift = BETA * math.log(-GAMMA / ZETA)
+    expected, l0 = 0.0, 0.0
+    for i, layer in enumerate(model.layers):
+        for (r, c), m in zip(torch.cartesian_prod(*(torch.arange(k) for k in layer.mask.shape)).tolist(),
+                             layer.mask.flatten().tolist()):
+            if m:
+                p = 1 / (1 + math.exp(-(float(gates.log_alpha(i).detach()[r, c]) - shift)))
+                expected += p * (lam + 0.5 * wd * float(layer.weight.detach()[r, c]) ** 2) / n
+                l0 += p
+    assert float(gates.penalty(lam, n, wd)) == pytest.approx(expected, rel=1e-5)
+    assert float(gates.penalty(lam, n)) == pytest.approx(lam * l0 / n, rel=1e-5)
+    assert float(gates.expected_l0()) == pytest.approx(l0, rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_folded_model_equals_gated_deterministic_network_exactly(batch_norm):
+    model = sparse_model(density=0.7, seed=5, batch_norm=batch_norm)
+    gates = _spread_gates(model, seed=5).eval()
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        gated = gates(x)
+    old = [(layer.weight.detach().clone(), layer.mask.clone()) for layer in model.layers]
+    z_hats = [deterministic_gate(gates.log_alpha(i)).detach() for i in range(len(model.layers))]
+    folded = gates.deterministic_model()
+    with torch.no_grad():
+        assert torch.equal(folded.eval()(x), gated)
+    for layer, (w, m), z in zip(folded.layers, old, z_hats):
+        assert torch.equal(layer.mask, m * (z > 0).float())
+        assert torch.equal(layer.weight.detach(), w * z)
+        assert float(layer.weight[layer.mask == 0].abs().sum()) == 0.0
+    assert 0 < folded.active_weights() < model.active_weights()  # some gates closed, the source untouched
+
+
+def test_gates_sample_fresh_noise_in_train_mode_only():
+    gates = _spread_gates(sparse_model(seed=2), seed=2, low=-1.0, high=1.0)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = gates.train()(x), gates(x)
+        c, d = gates.eval()(x), gates(x)
+    assert not torch.equal(a, b)
+    assert torch.equal(c, d)
+
+
+# -------------------------------------------------------------------------------- run_l0
+
+
+def test_l0_without_penalty_keeps_every_connection(digits):
+    from nestsynth.baselines.regularized import run_l0
+
+    ctx = _context(digits, "l0", {"lam": 0.0, "epochs": 1})
+    model = run_l0(ctx, ctx.cfg.methods.l0)
+    total = sum(layer.mask.numel() for layer in model.layers)
+    assert all(bool((layer.mask == 1).all()) for layer in model.layers)  # every z_hat > 0
+    assert model.active_weights() == total
+    assert ctx.history[-1]["phase"] == "final" and ctx.history[-1]["weights"] == total
+
+
+def test_l0_end_to_end_on_digits_prunes_by_the_gates(digits):
+    from nestsynth.baselines.regularized import run_l0
+
+    # gates start just above the z_hat = 0 boundary (log_alpha = -2.2 > -log 11), a strong penalty
+    ctx = _context(digits, "l0", {"lam": 200.0, "epochs": 1, "init_droprate": 0.9, "gate_lr_scale": 50.0})
+    model = run_l0(ctx, ctx.cfg.methods.l0)
+    total = sum(layer.mask.numel() for layer in model.layers)
+    assert model.active_weights() < 0.5 * total
+    for layer in model.layers:
+        assert set(layer.mask.unique().tolist()) <= {0.0, 1.0}
+        assert float(layer.weight[layer.mask == 0].abs().sum()) == 0.0
+    assert [r["phase"] for r in ctx.history] == ["l0", "final"]
+    assert ctx.history[-1]["weights"] == model.active_weights() == ctx.history[0]["weights"]
+    assert ctx.epochs == 1
+
+
+# ----------------------------------------------------------------------------- sensitivity
+
+
+def _hand_sensitivity(model, X, y, variant):
+    """Per-example autograd of each softmax output wrt every weight, |.|, averaged."""
+    model.eval()
+    sums = [torch.zeros_like(layer.weight) for layer in model.layers]
+    for xn, yn in zip(X, y):
+        probs = torch.softmax(model(xn[None]), 1)[0]
+        classes = [int(yn)] if variant == "supervised" else range(len(probs))
+        alpha = 1.0 if variant == "supervised" else 1.0 / len(probs)
+        for k in classes:
+            grads = torch.autograd.grad(probs[k], [layer.weight for layer in model.layers], retain_graph=True)
+            for s, g in zip(sums, grads):
+                s += alpha * g.abs()
+    return [s / len(X) for s in sums]
+
+
+@pytest.mark.parametrize("variant", ["supervised", "unsupervised"])
+@pytest.mark.parametrize("widths,batch_norm", [((5, 4, 3), False), ((6, 5, 4, 3), True)])
+def test_sensitivity_equals_per_example_autograd(variant, widths, batch_norm):
+    model = sparse_model(widths, density=0.7, seed=11, batch_norm=batch_norm, activations="tanh")
+    gen = torch.Generator().manual_seed(4)
+    X, y = torch.randn(7, widths[0], generator=gen), torch.randint(widths[-1], (7,), generator=gen)
+    model.train()
+    got = sensitivity(model, X, y, variant)
+    assert model.training  # mode restored
+    for s, h in zip(got, _hand_sensitivity(model, X, y, variant)):
+        torch.testing.assert_close(s, h, atol=1e-7, rtol=1e-5)
+    # a single weight by hand on the 2-layer net: output c of example 0 wrt W1[0, 1]
+    if len(widths) == 3 and variant == "supervised":
+        w = model.layers[0].weight
+        p = torch.softmax(model(X[:1]), 1)[0, int(y[0])]
+        (g,) = torch.autograd.grad(p, w)
+        single = sensitivity(model, X[:1], y[:1], variant)[0][0, 1]
+        assert float(single) == pytest.approx(abs(float(g[0, 1])), rel=1e-5)
+
+
+def test_insensitivity_decay_equals_update_formula():
+    model = sparse_model(density=0.6, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    sens = [torch.rand(layer.weight.shape, generator=gen) * 1.5 for layer in model.layers]  # some S > 1
+    before = [layer.weight.detach().clone() for layer in model.layers]
+    lam = 0.3
+    insensitivity_decay(model, sens, lam)
+    for layer, w, s in zip(model.layers, before, sens):
+        for wv, sv, nv in zip(w.flatten().tolist(), s.flatten().tolist(), layer.weight.flatten().tolist()):
+            assert nv == pytest.approx(wv - lam * wv * max(0.0, 1.0 - sv), abs=1e-7)
+        assert float(layer.weight[layer.mask == 0].abs().sum()) == 0.0
+
+
+def test_threshold_prune_removes_exactly_the_small_weights():
+    model = sparse_model(density=0.8, seed=9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    model.zero_dormant()
+    T = 0.2
+    hand = sum(1 for layer in model.layers for w, m in zip(layer.weight.flatten().tolist(),
+                                                           layer.mask.flatten().tolist()) if m and abs(w) < T)
+    old = [(layer.weight.detach().clone(), layer.mask.clone()) for layer in model.layers]
+    assert 0 < hand < model.active_weights()
+    assert threshold_prune(model, T, opt) == hand
+    for layer, (w, m) in zip(model.layers, old):
+        keep = m * (w.abs() >= T).float()
+        assert torch.equal(layer.mask, keep)
+        assert torch.equal(layer.weight.detach(), w * keep)
+        assert float(opt.state[layer.weight]["momentum_buffer"][keep == 0].abs().sum()) == 0.0
+
+
+def test_sensitivity_without_decay_and_threshold_keeps_every_connection(digits):
+    from nestsynth.baselines.regularized import run_sensitivity
+
+    ctx = _context(digits, "sensitivity", {"lam": 0.0, "threshold": 0.0, "epochs": 1, "final_epochs": 0})
+    model = run_sensitivity(ctx, ctx.cfg.methods.sensitivity)
+    assert all(bool((layer.mask == 1).all()) for layer in model.layers)
+    assert ctx.history[1]["phase"] == "threshold" and ctx.history[1]["pruned"] == 0
+
+
+@pytest.mark.parametrize("variant,sgd_lr", [("supervised", 0.1), ("unsupervised", 0.0)])
+def test_sensitivity_end_to_end_on_digits(digits, variant, sgd_lr):
+    from nestsynth.baselines.regularized import run_sensitivity
+
+    mcfg = {"lam": 0.05, "threshold": 0.02, "epochs": 1, "final_epochs": 1, "variant": variant, "sgd_lr": sgd_lr}
+    ctx = _context(digits, "sensitivity", mcfg)
+    model = run_sensitivity(ctx, ctx.cfg.methods.sensitivity)
+    total = sum(layer.mask.numel() for layer in model.layers)
+    phases = [r["phase"] for r in ctx.history]
+    assert phases == ["regularize", "threshold", "final"]
+    below = ctx.history[0]["below_threshold"]
+    assert below > 0 and ctx.history[1]["pruned"] == below == total - ctx.history[1]["weights"]
+    assert model.active_weights() == ctx.history[-1]["weights"] <= total - below  # retraining never revives
+    for layer in model.layers:
+        assert float(layer.weight[layer.mask == 0].abs().sum()) == 0.0
+    assert ctx.epochs == 2
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("method,key,value", [
+    ("l0", "init_droprate", 1.0), ("l0", "lam", -1.0), ("l0", "temperature", 0.0),
+    ("sensitivity", "variant", "both"), ("sensitivity", "lam", 1.0), ("sensitivity", "threshold", -0.1)])
+def test_config_rejects_out_of_range_values(method, key, value):
+    with pytest.raises(NestError, match=f"methods.{method}.{key}"):
+        from_dict({"method": method, "methods": {method: {key: value}}})
