@@ -5,3 +5,4 @@ from . import saliency  # noqa: F401  snip, grasp
 from . import regularized  # noqa: F401  l0, sensitivity
 from . import obs  # noqa: F401  lobs
 from . import n2ps  # noqa: F401  n2ps
+from . import radix  # noqa: F401  radix

@@ -41,19 +41,29 @@ def random_connected_mask(out_f: int, in_f: int, density: float, generator: torc
 
 
 def make_seed(widths, ratio: float, density: float, generator: torch.Generator,
-              activations="relu", batch_norm: bool = False) -> SparseMLP:
+              activations="relu", batch_norm: bool = False, topology: str = "random") -> SparseMLP:
     """The seed network: hidden widths scaled by ``ratio``, a fraction ``density`` of the
-    connections of every layer active at random, every neuron connected.
+    connections of every layer active, every neuron connected.
+
+    ``topology`` "random" draws the active connections at random; "radix" uses a
+    RadiX-Net topology (:func:`nestsynth.seeds.radix.radix_seed_masks`; its density is
+    quantized to radix / N', so a layer's actual density may differ from ``density``).
 
     Weights are drawn like PyTorch's Linear default and then scaled by
-    1/sqrt(density), so the variance of a unit's input matches a dense layer despite
-    the missing fan-in (a documented choice; the paper does not state its init).
+    1/sqrt(density) (for "radix", the layer's actual density), so the variance of a
+    unit's input matches a dense layer despite the missing fan-in (a documented choice;
+    the paper does not state its init).
     """
     model = SparseMLP(seed_widths(widths, ratio), activations, batch_norm, generator=generator)
+    if topology == "radix":
+        from .radix import radix_seed_masks
+        masks = radix_seed_masks(model.widths, density, generator)
+    else:
+        masks = [random_connected_mask(layer.out_features, layer.in_features, density, generator,
+                                       connect_inputs=i > 0) for i, layer in enumerate(model.layers)]
     with torch.no_grad():
-        for i, layer in enumerate(model.layers):
-            mask = random_connected_mask(layer.out_features, layer.in_features, density,
-                                         generator, connect_inputs=i > 0)
+        for layer, mask in zip(model.layers, masks):
             layer.mask.copy_(mask)
-            layer.weight.mul_(mask / math.sqrt(density))
+            scale = float(mask.mean()) if topology == "radix" else density
+            layer.weight.mul_(mask / math.sqrt(scale))
     return model
