@@ -284,3 +284,14 @@ def test_lottery_rewind_beyond_first_round_is_an_error(digits):
 def test_lottery_run_with_rewinding(digits):
     model, ctx = run(digits, "lottery", {"epochs_per_round": 1, "rounds": 1, "rewind_steps": 5})
     assert model.active_per_layer() == [a - round(r * a) for a, r in zip(SIZES, [0.2, 0.2, 0.1])]
+
+
+def test_gradual_global_scope_hits_the_total_and_ranks_across_layers(digits):
+    opts = {"epochs": 2, "begin_epoch": 0, "end_epoch": 2, "frequency": 5, "final_sparsity": 0.9,
+            "scope": "global"}
+    model, _ = run(digits, "gradual", opts)
+    counts = [int(layer.mask.sum()) for layer in model.layers]
+    assert sum(counts) == round(sum(SIZES) * 0.1) and counts != [round(n * 0.1) for n in SIZES]
+    # the layers end at different sparsities (one ranking), every kept weight non-zero
+    kept = torch.cat([layer.weight.detach().abs()[layer.mask.bool()] for layer in model.layers])
+    assert len(kept) == sum(counts) and bool((kept > 0).all())

@@ -402,8 +402,10 @@ class GradualMethodConfig:
     frequency: int = 100  # optimizer steps between pruning events (Zhu & Gupta's delta t)
     initial_sparsity: float = 0.0
     final_sparsity: float = 0.95
+    scope: str = "layer"  # layer: s(t) in every layer (Zhu & Gupta); global: one |w| ranking over all layers
 
     def validate(self, prefix: str) -> None:
+        check(self.scope in ("layer", "global"), f"{prefix}.scope", self.scope, "layer or global")
         check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, ">= 1")
         check(self.dense_epochs >= 0, f"{prefix}.dense_epochs", self.dense_epochs, ">= 0")
         check(self.begin_epoch >= 0, f"{prefix}.begin_epoch", self.begin_epoch, ">= 0")
@@ -426,16 +428,16 @@ class GradualPruner:
     """
 
     def __init__(self, model: SparseMLP, optimizer, begin: int, end: int, frequency: int,
-                 initial: float, final: float):
-        self.model, self.optimizer = model, optimizer
+                 initial: float, final: float, scope: str = "layer"):
+        self.model, self.optimizer, self.scope = model, optimizer, scope
         self.begin, self.end, self.frequency = begin, end, frequency
         self.initial, self.final = initial, final
         self.step_count = 0
         self.sparsity = 0.0  # the last target applied
 
     def prune_to(self, sparsity: float) -> None:
-        """Every layer keeps its ``round(n_l (1 - sparsity))`` largest live |w| (no revival)."""
-        install_masks(self.model, layer_masks(self.model, sparsity), self.optimizer)
+        """Keep the largest live |w| at ``sparsity``, per layer or globally (no revival)."""
+        install_masks(self.model, oneshot_masks(self.model, sparsity, self.scope), self.optimizer)
         self.sparsity = sparsity
 
     def update(self) -> None:
@@ -457,7 +459,7 @@ def run_gradual(ctx, mcfg: GradualMethodConfig) -> SparseMLP:
     optimizer = ctx.optimizer(model)
     per_epoch = steps_per_epoch(ctx)
     pruner = GradualPruner(model, optimizer, mcfg.begin_epoch * per_epoch, mcfg.end_epoch * per_epoch,
-                           mcfg.frequency, mcfg.initial_sparsity, mcfg.final_sparsity)
+                           mcfg.frequency, mcfg.initial_sparsity, mcfg.final_sparsity, mcfg.scope)
     pruner.update()  # step 0 is a pruning step when begin_epoch = 0
 
     def on_epoch(e: int) -> None:
