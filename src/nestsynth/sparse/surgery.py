@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .conv import MaskedConv2d
+
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -42,17 +44,31 @@ def _append(param, optimizer, new: torch.Tensor, dim: int) -> None:
           lambda t: torch.cat([t, torch.zeros_like(new, dtype=t.dtype, device=t.device)], dim))
 
 
-def keep_units(model, h: int, keep: torch.Tensor, optimizer=None) -> None:
-    """Keep only neurons ``keep`` (sorted indices) of hidden layer ``h``.
+def _input_columns(model, h: int, units: torch.Tensor) -> torch.Tensor:
+    """Input indices of ``layers[h + 1]`` fed by units ``units`` of hidden layer ``h``.
 
-    Rows of ``layers[h]``, entries of ``norms[h]`` and columns of ``layers[h + 1]``
-    are cut together.
+    A linear layer after the last conv stage sees each channel as ``flat_size``
+    consecutive (channel-major) inputs; everywhere else a unit is one input.
+    """
+    if isinstance(model.layers[h], MaskedConv2d) and not isinstance(model.layers[h + 1], MaskedConv2d):
+        hw = model.flat_size
+        return (units.view(-1, 1) * hw + torch.arange(hw, device=units.device)).flatten()
+    return units
+
+
+def keep_units(model, h: int, keep: torch.Tensor, optimizer=None) -> None:
+    """Keep only units ``keep`` (sorted indices) of hidden layer ``h`` (neurons or feature maps).
+
+    Rows (output channels) of ``layers[h]`` with their masks, entries of ``norms[h]`` and
+    the matching inputs of ``layers[h + 1]`` (columns, input channels, or channel blocks
+    of a flattened feature map) are cut together.
     """
     keep = keep.to(model.layers[h].weight.device)
     rows: Edit = lambda t: t.index_select(0, keep)
-    cols: Edit = lambda t: t.index_select(1, keep)
+    in_cols = _input_columns(model, h, keep)
+    cols: Edit = lambda t: t.index_select(1, in_cols)
     src, dst = model.layers[h], model.layers[h + 1]
-    for p in (src.weight, src.bias, src.mask):
+    for p in (src.weight, src.bias, src.mask) + ((src.area,) if isinstance(src, MaskedConv2d) else ()):
         _same(rows, p, optimizer)
     if model.norms:
         bn = model.norms[h]
@@ -65,18 +81,24 @@ def keep_units(model, h: int, keep: torch.Tensor, optimizer=None) -> None:
 
 def append_units(model, h: int, w_in: torch.Tensor, w_out: torch.Tensor,
                  optimizer=None, bias: torch.Tensor | None = None) -> None:
-    """Add ``k`` neurons to hidden layer ``h``.
+    """Add ``k`` units (neurons or feature maps) to hidden layer ``h``.
 
     Args:
-        w_in: (k, in_h) incoming weights; its non-zero pattern becomes the mask.
-        w_out: (out_{h+1}, k) outgoing weights; likewise.
-        bias: (k,) biases of the new neurons (zeros when None).
+        w_in: (k, in_h) incoming weights, or (k, in_channels, kh, kw) kernels of new
+            feature maps; its non-zero pattern becomes the mask (a new map computes its
+            whole output area).
+        w_out: (out_{h+1}, k) outgoing weights; (out, k, kh, kw) when the next layer is a
+            convolution; (out, k * flat_size) when it is the linear layer after the last
+            conv stage.  Its non-zero pattern becomes the mask.
+        bias: (k,) biases of the new units (zeros when None).
     """
     src, dst = model.layers[h], model.layers[h + 1]
     k = w_in.shape[0]
     _append(src.weight, optimizer, w_in, 0)
     _append(src.bias, optimizer, torch.zeros(k) if bias is None else bias, 0)
     _append(src.mask, None, (w_in != 0).float(), 0)
+    if isinstance(src, MaskedConv2d):
+        _append(src.area, None, torch.ones(k, *src.area.shape[1:]), 0)
     _append(dst.weight, optimizer, w_out, 1)
     _append(dst.mask, None, (w_out != 0).float(), 1)
     if model.norms:
