@@ -90,6 +90,9 @@ class GrowthConfig:
     beta: float = 0.05  # growth ratio: top beta*M*N bridging pairs per new neuron
     alpha: float = 0.5  # birth strength (Eq. 7)
     sign: str = "descent"  # descent | paper: sign rule of Algorithm 1 (see growth/neurons.py)
+    feature_maps_per_step: int = 2  # CNNs: new feature maps per conv layer per step (Policy 3)
+    map_candidates: int = 8  # random kernel sets tried per new feature map; the best is kept
+    map_density: float = 0.0  # share of a new map's kernel weights that are active; 0 = the layer's current density
 
 
 @dataclass
@@ -112,6 +115,8 @@ class PruningConfig:
     lr_scale: float = 1.0  # learning rate of the retraining, relative to train.lr
     final_epochs: int = 0  # fine-tuning of the kept model (kept only if val improves)
     final_lr_scale: float = 0.1
+    area: bool = True  # CNNs: partial-area convolution (Algorithm 2) in every pruning iteration
+    area_rate: float = 0.01  # gamma: share of each conv layer's live output positions removed per iteration
 
 
 @dataclass
@@ -154,11 +159,17 @@ class Config:
         """A short hash of everything that determines the result (used to match checkpoints).
 
         Where the data lives and which device runs the job are left out: a run may be
-        resumed on another machine.
+        resumed on another machine.  Only values that differ from the defaults enter
+        the hash, so adding a new option (at a default that keeps the old behaviour)
+        does not orphan existing runs.
         """
-        d = self.to_dict()
-        d.pop("device")
-        d["data"].pop("data_dir")
+        values, defaults = self.to_dict(), Config(method=self.method).to_dict()
+        for d in (values, defaults):
+            d.pop("device")
+            d["data"].pop("data_dir")
+        d = _without_defaults(values, defaults)
+        if self.method != NEST_METHOD:
+            d["method"] = self.method
         return hashlib.sha256(tomli_w.dumps(d).encode()).hexdigest()[:16]
 
     @property
@@ -168,6 +179,20 @@ class Config:
 
 
 NEST_METHOD = "nest"
+
+
+def _without_defaults(values: dict, defaults: dict) -> dict:
+    """The entries of ``values`` (nested dicts) that differ from ``defaults``."""
+    out = {}
+    for key, value in values.items():
+        base = defaults.get(key)
+        if isinstance(value, dict) and isinstance(base, dict):
+            sub = _without_defaults(value, base)
+            if sub:
+                out[key] = sub
+        elif key not in defaults or value != base:
+            out[key] = value
+    return out
 
 
 def _methods_default():
@@ -343,6 +368,10 @@ def validate(cfg: Config) -> None:
     _check(p.tolerance >= 0, "pruning.tolerance", p.tolerance, "non-negative")
     _check(p.neuron_threshold >= 0, "pruning.neuron_threshold", p.neuron_threshold, "non-negative")
     _check(p.final_lr_scale > 0, "pruning.final_lr_scale", p.final_lr_scale, "positive")
+    _check(0 <= p.area_rate < 1, "pruning.area_rate", p.area_rate, "in [0, 1)")
+    _check(g.feature_maps_per_step >= 0, "growth.feature_maps_per_step", g.feature_maps_per_step, ">= 0")
+    _check(g.map_candidates >= 1, "growth.map_candidates", g.map_candidates, ">= 1")
+    _check(0 <= g.map_density <= 1, "growth.map_density", g.map_density, "in [0, 1]")
     _validate_method(cfg)
 
 
