@@ -13,8 +13,8 @@ from . import config as config_mod
 from .config import Config
 from .data import DataBundle, Dataset, load_dataset, split_validation
 from .errors import NestError
-from .registry import ModelSpec, get_model, in_features_of
-from .sparse import SparseMLP, from_sequential
+from .registry import CNNSpec, ModelSpec, get_model, in_features_of
+from .sparse import SparseCNN, SparseMLP, cnn_from_sequential, from_sequential
 from .synthesis import Synthesis
 
 DataLike = Any  # (X, y) tensors, a torch Dataset, or a nestsynth Dataset
@@ -61,8 +61,9 @@ def bundle_from(train: DataLike, val: DataLike | None, test: DataLike | None, cf
     return DataBundle("user", tr, va, te, shape, classes)
 
 
-def resolve_reference(model: str | nn.Module | ModelSpec, data: DataBundle) -> ModelSpec | SparseMLP:
-    """The reference architecture for this data: a fitted spec or a user's dense MLP.
+def resolve_reference(model: str | nn.Module | ModelSpec | CNNSpec, data: DataBundle):
+    """The reference architecture for this data: a fitted spec (MLP or CNN), a user's dense
+    MLP, or a user's CNN (as a CNNSpec named "custom").
 
     Raises:
         NestError: unknown model, unsupported module, or a shape mismatch with the data.
@@ -72,6 +73,18 @@ def resolve_reference(model: str | nn.Module | ModelSpec, data: DataBundle) -> M
         model = get_model(model)
     if isinstance(model, ModelSpec):
         return model.for_data(features, data.num_classes)
+    if isinstance(model, CNNSpec):
+        return model.for_data(data.input_shape, data.num_classes)
+    if isinstance(model, nn.Sequential) and any(isinstance(m, nn.Conv2d) for m in model):
+        if len(data.input_shape) != 3:
+            raise NestError(f"a CNN needs image inputs (C, H, W), but the data's inputs have shape "
+                            f"{tuple(data.input_shape)}.")
+        model = cnn_from_sequential(model, data.input_shape)
+    if isinstance(model, SparseCNN):
+        arch = model.arch()
+        spec = CNNSpec("custom", tuple(arch["input_shape"]), tuple(arch["conv"]), tuple(arch["fc"]),
+                       arch["batch_norm"], adaptive=False, description="user CNN")
+        return spec.for_data(data.input_shape, data.num_classes)
     ref = model if isinstance(model, SparseMLP) else (
         from_sequential(model) if isinstance(model, nn.Sequential) else None)
     if ref is None:

@@ -10,8 +10,8 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..errors import NestError
-from ..metrics import dense_flops, totals
-from ..sparse import SparseMLP
+from ..metrics import reference_flops, reference_weights, totals
+from ..sparse import SparseMLP, model_from_arch
 
 MODEL_FORMAT = "nestsynth-model"
 
@@ -19,15 +19,17 @@ MODEL_FORMAT = "nestsynth-model"
 def core_report(*, cfg, method: str, model_name: str, dataset: str, rows: list[dict],
                 test_error: float | None, val_error: float | None, ref_widths, final_widths,
                 device: str, input_shape=None, dense: dict | None = None, epochs: int | None = None,
-                wall: float = 0.0) -> dict:
+                wall: float = 0.0, reference=None) -> dict:
     """The part of ``report.json`` every method shares (NeST and the baselines).
 
+    ``reference`` (a registered spec or a dense model) gives the dense weights and
+    FLOPs; by default they are those of the MLP with ``ref_widths``.
     ``compression.flops`` divides the dense reference's FLOPs by the final model's
     activation-aware FLOPs, as the paper's 79.4x for LeNet-300-100 (532K / 6.7K) does.
     """
     tot = totals(rows)
-    ref_weights = sum(a * b for a, b in zip(ref_widths[:-1], ref_widths[1:]))
-    ref_flops = dense_flops(ref_widths)
+    ref = list(ref_widths) if reference is None else reference
+    ref_weights, ref_flops = reference_weights(ref), reference_flops(ref)
     return {
         "method": method,
         "model": model_name,
@@ -45,8 +47,8 @@ def core_report(*, cfg, method: str, model_name: str, dataset: str, rows: list[d
                             **dict(dense or {})},
         "compression": {"weights": ref_weights / max(tot["weights"], 1),
                         "flops": ref_flops / max(tot["flops_act"], 1e-9)},
-        "layers": [{k: r[k] for k in ("name", "in", "out", "weights", "parameters", "flops",
-                                      "flops_act", "act_pct")} for r in rows],
+        "layers": [{k: r.get(k) for k in ("name", "in", "out", "weights", "parameters", "flops", "flops_act",
+                                          "act_pct", "conv_pct", "kernel", "out_hw") if k in r} for r in rows],
         "budget": {"epochs": epochs},
         "wall_seconds": round(wall, 2),
         "environment": {"device": device, "torch": torch.__version__, "python": platform.python_version(),
@@ -56,12 +58,13 @@ def core_report(*, cfg, method: str, model_name: str, dataset: str, rows: list[d
 
 def build_report(*, cfg, model_name: str, dataset: str, state, rows: list[dict],
                  test_error: float | None, val_error: float | None, ref_widths, final_widths,
-                 device: str, input_shape=None) -> dict:
+                 device: str, input_shape=None, reference=None) -> dict:
     """The report of a finished NeST run (the layout of ``report.json``)."""
     report = core_report(cfg=cfg, method="nest", model_name=model_name, dataset=dataset, rows=rows,
                          test_error=test_error, val_error=val_error, ref_widths=ref_widths,
                          final_widths=final_widths, device=device, input_shape=input_shape,
-                         dense=state.dense, epochs=getattr(state, "epochs", None), wall=state.elapsed)
+                         dense=state.dense, epochs=getattr(state, "epochs", None), wall=state.elapsed,
+                         reference=reference)
     growth_rows = [r for r in state.history if r["phase"] == "growth"]
     prune_rows = [r for r in state.history if r["phase"] == "pruning"]
     report["weights"].update(seed=state.weights.get("seed"), post_growth=state.weights.get("post_growth"))
@@ -92,7 +95,7 @@ def load_model(path: str | Path) -> SparseMLP:
     """
     blob = ckpt.safe_load(Path(path))
     try:
-        model = SparseMLP.from_arch(blob["arch"])
+        model = model_from_arch(blob["arch"])
         model.load_state_dict(blob["model"])
     except (KeyError, TypeError, ValueError, RuntimeError, NestError):
         raise NestError(f"{str(path)!r} is not a nestsynth model file (architecture and weights "

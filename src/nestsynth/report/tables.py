@@ -8,14 +8,22 @@ def _k(x: float) -> str:
 
 
 def format_layer_table(report: dict) -> str:
-    """Per-layer table: weights, Act% and FLOPs (activation-aware), then a summary."""
-    lines = [f"{'Layer':<8}{'In':>6}{'Out':>6}{'#Weights':>10}{'Act%':>7}{'FLOPs':>9}{'FLOPs(act)':>12}"]
+    """Per-layer table: weights, (Conv%,) Act% and FLOPs (activation-aware), then a summary.
+
+    CNN reports get a Conv% column (area of interest kept by partial-area convolution),
+    the layout of the paper's Table 4(b).
+    """
+    conv = any(r.get("conv_pct") is not None for r in report["layers"])
+    conv_head = f"{'Conv%':>7}" if conv else ""
+    lines = [f"{'Layer':<8}{'In':>7}{'Out':>6}{'#Weights':>10}{conv_head}{'Act%':>7}{'FLOPs':>9}{'FLOPs(act)':>12}"]
     for r in report["layers"]:
         act = "-" if r.get("act_pct") is None else f"{r['act_pct']:.0f}%"
-        lines.append(f"{r['name']:<8}{r['in']:>6}{r['out']:>6}{r['weights']:>10}{act:>7}"
+        cp = ("N/A" if r.get("conv_pct") is None else f"{r['conv_pct']:.0f}%") if conv else ""
+        lines.append(f"{r['name']:<8}{r['in']:>7}{r['out']:>6}{r['weights']:>10}{cp:>{7 if conv else 0}}{act:>7}"
                      f"{_k(r['flops']):>9}{_k(r['flops_act']):>12}")
     w, f = report["weights"], report["flops"]
-    lines.append(f"{'Total':<8}{'':>6}{'':>6}{w['final']:>10}{'':>7}{_k(f['final']):>9}{_k(f['final_act']):>12}")
+    lines.append(f"{'Total':<8}{'':>7}{'':>6}{w['final']:>10}{'':>{7 if conv else 0}}{'':>7}{_k(f['final']):>9}"
+                 f"{_k(f['final_act']):>12}")
     ref, comp = report["dense_reference"], report["compression"]
     err = report.get("test_error")
     lines += [
