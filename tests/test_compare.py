@@ -90,7 +90,8 @@ def test_compare_two_seeds_writes_three_files_and_reuses_runs(tmp_path):
     assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in ("nest", "dense", "oneshot")
                                                         for s in ("0", "1")]
     for r in rows:  # each CSV row is the run's own report
-        report = json.loads((Path(r["run_dir"]) / "report.json").read_text())
+        assert r["run_dir"] == f"{r['method']}/seed{r['seed']}"  # relative to the comparison directory
+        report = json.loads((out / r["run_dir"] / "report.json").read_text())
         assert int(r["weights"]) == report["weights"]["final"]
         assert float(r["test_error"]) == pytest.approx(report["test_error"])
     dense = [r for r in rows if r["method"] == "dense"]

@@ -119,7 +119,7 @@ def cmd_synthesize(args) -> int:
     shown = [0]
 
     def tell(state):
-        if args.quiet or not hasattr(state, "phase") or len(state.history) == shown[0]:
+        if args.quiet or len(state.history) == shown[0]:
             return
         shown[0] = len(state.history)
         row = state.history[-1]

@@ -121,7 +121,7 @@ def write_comparison(reports: list[dict], jobs: list[Job], out: Path, title: str
     """comparison.md, comparison.csv and pareto.png in ``out``."""
     from ..report.comparison import format_csv, format_markdown, plot_pareto, run_row
 
-    run_dirs = {(j.method, j.seed): str(j.run_dir) for j in jobs}
+    run_dirs = {(j.method, j.seed): _relative(j.run_dir, out) for j in jobs}
     rows = [run_row(r, run_dirs.get((r.get("method", "nest"), r.get("seed")), "")) for r in reports]
     reference = reports[0]["dense_reference"] if reports else None
     notes = _budget_notes(jobs) + [f"- failed: {f}" for f in failures]
@@ -131,6 +131,13 @@ def write_comparison(reports: list[dict], jobs: list[Job], out: Path, title: str
     ckpt.atomic_write_text(paths[1], format_csv(rows))
     plot_pareto(rows, paths[2], title)
     return paths
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
 
 
 def _budget_notes(jobs: list[Job]) -> list[str]:

@@ -31,8 +31,9 @@ class MethodContext:
     """
 
     def __init__(self, cfg: Config, data: DataBundle, widths, activations, batch_norm: bool,
-                 device: torch.device, progress: bool = False):
+                 device: torch.device, progress: bool = False, on_log: Callable[["MethodContext"], None] | None = None):
         self.cfg, self.data, self.device, self.progress = cfg, data, device, progress
+        self.on_log = on_log  # called after every logged row (the CLI prints it)
         self.widths, self.activations, self.batch_norm = list(widths), activations, batch_norm
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.X, self.y = data.train.X.to(device), data.train.y.to(device)
@@ -125,4 +126,6 @@ class MethodContext:
                "val_error": val, "epochs": self.epochs,
                "seconds": round(time.monotonic() - self._t0, 3), **extra}
         self.history.append(row)
+        if self.on_log is not None:
+            self.on_log(self)
         return row

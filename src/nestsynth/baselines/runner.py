@@ -44,7 +44,7 @@ def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | SparseMLP, 
         _prepare(out, cfg, resume)
     widths, acts, bn, model_name = _reference_shape(reference)
     device = _device(cfg.device)
-    ctx = MethodContext(cfg, data, widths, acts, bn, device, progress)
+    ctx = MethodContext(cfg, data, widths, acts, bn, device, progress, on_log=on_iteration)
     t0 = time.monotonic()
     model = method.run(ctx, getattr(cfg.methods, cfg.method))
     model.zero_dormant()
@@ -53,8 +53,6 @@ def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | SparseMLP, 
         from ..report import write_run_outputs
         ckpt.write_jsonl(ckpt.metrics_path(out), ctx.history)
         write_run_outputs(out, model, report)
-    if on_iteration is not None:
-        on_iteration(ctx)
     return model, report
 
 
