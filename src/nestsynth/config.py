@@ -93,6 +93,7 @@ class GrowthConfig:
     feature_maps_per_step: int = 2  # CNNs: new feature maps per conv layer per step (Policy 3)
     map_candidates: int = 8  # random kernel sets tried per new feature map; the best is kept
     map_density: float = 0.0  # share of a new map's kernel weights that are active; 0 = the layer's current density
+    map_scale: str = "default"  # candidate kernels: default (PyTorch's 1/sqrt(fan_in)) or layer (the layer's |w|)
 
 
 @dataclass
@@ -372,6 +373,7 @@ def validate(cfg: Config) -> None:
     _check(g.feature_maps_per_step >= 0, "growth.feature_maps_per_step", g.feature_maps_per_step, ">= 0")
     _check(g.map_candidates >= 1, "growth.map_candidates", g.map_candidates, ">= 1")
     _check(0 <= g.map_density <= 1, "growth.map_density", g.map_density, "in [0, 1]")
+    _check(g.map_scale in ("default", "layer"), "growth.map_scale", g.map_scale, "default or layer")
     _validate_method(cfg)
 
 

@@ -28,12 +28,13 @@ from .growth.scores import scan_indices
 from .metrics import activation_density, layer_table, totals
 from .pruning import (constant_rate_removal, cubic_removal, effective_scores, neurons_to_keep,
                       output_statistics, prune_smallest, remove_neurons)
-from .registry import ModelSpec
+from .registry import CNNSpec, ModelSpec
 from .seeds import make_seed
-from .sparse import SparseMLP, append_units, set_mask
+from .sparse import SparseMLP, append_units, model_from_arch, set_mask
 from .training import NonFiniteLoss, cosine_lr, evaluate, make_optimizer, train_epoch
 
 MAX_ROLLBACKS = 4
+MAP_SAMPLES = 2048  # examples on which feature-map candidates are compared (Policy 3)
 
 
 @dataclass
@@ -91,15 +92,22 @@ class Synthesis:
         self.cfg, self.data, self.out = cfg, data, out
         self.progress, self.on_iteration = progress, on_iteration
         self.device = resolve_device(cfg.device)
+        self.spec = reference if isinstance(reference, CNNSpec) else None  # CNN references
         self.ref_widths, self.ref_acts, self.ref_bn, self.model_name = _reference_shape(reference)
         self.X, self.y = data.train.X.to(self.device), data.train.y.to(self.device)
         self.Xv, self.yv = (data.val.X.to(self.device), data.val.y.to(self.device)) if data.val else (None, None)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.state = LoopState()
-        self.model = make_seed(self.ref_widths, cfg.seed_net.ratio, cfg.seed_net.density, self.generator,
-                               self.ref_acts, self.ref_bn, cfg.seed_net.topology).to(self.device)
+        if self.spec is not None:
+            from .seeds.cnn import make_cnn_seed
+            self.model = make_cnn_seed(self.spec, cfg.seed_net.ratio, cfg.seed_net.density,
+                                       self.generator).to(self.device)
+        else:
+            self.model = make_seed(self.ref_widths, cfg.seed_net.ratio, cfg.seed_net.density, self.generator,
+                                   self.ref_acts, self.ref_bn, cfg.seed_net.topology).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.accepted: dict | None = None
+        self.area_removed = 0  # output positions removed by the current pruning step (CNNs)
         self._last: dict | None = None
         self._clock = time.monotonic()
 
@@ -150,7 +158,8 @@ class Synthesis:
         the target is a number."""
         t0 = time.monotonic()
         gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
-        dense = SparseMLP(self.ref_widths, self.ref_acts, self.ref_bn, generator=gen).to(self.device)
+        dense = (self.spec.build(gen) if self.spec is not None else
+                 SparseMLP(self.ref_widths, self.ref_acts, self.ref_bn, generator=gen)).to(self.device)
         opt = make_optimizer(dense, self.cfg.train)
         self._train(dense, opt, self.cfg.dense.epochs, gen, "dense reference")
         val = self._val(dense)
@@ -202,9 +211,10 @@ class Synthesis:
             val = self._val()
             if val <= st.bound:
                 break
-        accepted = val <= st.bound and removed + sum(neurons_removed) > 0
+        accepted = val <= st.bound and removed + sum(neurons_removed) + getattr(self, "area_removed", 0) > 0
+        extra = {"pruned_area": self.area_removed} if self.spec is not None else {}
         self._log("pruning", st.iteration, val=val, loss=loss, seconds=time.monotonic() - t0,
-                  pruned_connections=removed, pruned_neurons=neurons_removed, accepted=accepted)
+                  pruned_connections=removed, pruned_neurons=neurons_removed, accepted=accepted, **extra)
         if accepted:
             self.accepted, st.accepted_val = self._model_state(), val
         st.iteration += 1
@@ -260,17 +270,20 @@ class Synthesis:
             masks = [layer.mask for layer in model.layers]
             scores = [grad.abs() for grad in scan.grads]
             if g.connection_scope == "global":
-                k = sum(connections_to_grow(m.shape[1], m.shape[0], g.connection_fraction) for m in masks)
+                k = sum(connections_to_grow(m[0].numel(), m.shape[0], g.connection_fraction) for m in masks)
                 new_masks = grow_connections_global(scores, masks, k)
             else:
-                new_masks = [grow_connections(s, m, connections_to_grow(m.shape[1], m.shape[0],
+                new_masks = [grow_connections(s, m, connections_to_grow(m[0].numel(), m.shape[0],
                                                                          g.connection_fraction))
                              for s, m in zip(scores, masks)]
             for layer, new in zip(model.layers, new_masks):
                 conns += int(new.sum() - layer.mask.sum())
                 set_mask(layer, new, self.optimizer)
+        maps = self._grow_feature_maps(X, y) if self.spec is not None else []
         if g.neurons and g.neurons_per_step > 0:
             for h in range(model.n_hidden):
+                if scan.bridges[h] is None:  # conv layers grow feature maps instead
+                    continue
                 w_in, w_out = grow_neurons(scan.bridges[h], g.neurons_per_step, g.beta, g.alpha,
                                            model.effective_weight(h), model.effective_weight(h + 1),
                                            self.generator, g.sign)
@@ -278,7 +291,36 @@ class Synthesis:
                 w_in = torch.nn.functional.pad(w_in, (0, model.layers[h].in_features - w_in.shape[1]))
                 append_units(model, h, w_in, w_out, self.optimizer)
                 neurons.append(w_in.shape[0])
-        return {"grown_connections": conns, "grown_neurons": neurons}
+        out = {"grown_connections": conns, "grown_neurons": neurons}
+        if maps:
+            out.update(grown_maps=[m["count"] for m in maps], map_best_reduction=[m["best"] for m in maps],
+                       map_random_reduction=[m["random"] for m in maps])
+        return out
+
+    def _grow_feature_maps(self, X: torch.Tensor, y: torch.Tensor) -> list[dict]:
+        """Policy 3 in every conv layer, first to last, each on the model grown so far.
+
+        A new map's kernels are the best of ``growth.map_candidates`` random sets, judged
+        by the loss on up to MAP_SAMPLES of the scoring examples.  The loss reductions of
+        the chosen sets and the mean reductions of all candidates (a random choice) are
+        logged, for the paper's "about twice the reduction of a random set".
+        """
+        from .growth.feature_maps import grow_feature_maps
+
+        g, model = self.cfg.growth, self.model
+        if not g.neurons or g.feature_maps_per_step <= 0:
+            return []
+        Xm, ym = X[:MAP_SAMPLES], y[:MAP_SAMPLES]
+        grown = []
+        for h in range(model.n_conv):
+            layer = model.layers[h]
+            density = g.map_density or max(float(layer.mask.mean()), 1.0 / layer.mask[0].numel())
+            w_in, w_out, stats = grow_feature_maps(model, h, g.feature_maps_per_step, Xm, ym,
+                                                   g.map_candidates, density, self.generator, g.map_scale)
+            append_units(model, h, w_in, w_out, self.optimizer)
+            grown.append({"count": w_in.shape[0], "best": sum(st["best_reduction"] for st in stats),
+                          "random": sum(st["mean_random_reduction"] for st in stats)})
+        return grown
 
     def _prune(self) -> tuple[int, list[int]]:
         """One pruning step: smallest effective weights per layer, then weak neurons."""
@@ -296,6 +338,8 @@ class Synthesis:
             new = prune_smallest(effective_scores(model, i), layer.mask, n)
             removed += int(layer.mask.sum() - new.sum())
             set_mask(layer, new, self.optimizer)
+        if self.spec is not None:
+            return removed, self._prune_cnn_units()
         neurons = [0] * model.n_hidden
         if p.neurons:
             X, _ = self._score_data()
@@ -305,6 +349,32 @@ class Synthesis:
                                        p.neuron_threshold)
                 neurons[h] = remove_neurons(model, h, keep, out_mean[h], self.optimizer)
         return removed, neurons
+
+    def _prune_cnn_units(self) -> list[int]:
+        """CNN part of a pruning step: partial-area convolution (Algorithm 2) in every conv
+        layer still being pruned, then weak or disconnected feature maps and neurons."""
+        from .pruning import area_scores, feature_map_statistics, maps_to_keep, prune_area, remove_feature_maps
+
+        p, model = self.cfg.pruning, self.model
+        X, _ = self._score_data()
+        self.area_removed = 0
+        if p.area and p.area_rate > 0:
+            for i in range(model.n_conv):
+                if i in self.state.frozen:
+                    continue
+                layer = model.layers[i]
+                new = prune_area(area_scores(model, i, X, self.cfg.train.eval_batch_size), layer.area, p.area_rate)
+                self.area_removed += int(layer.area.sum() - new.sum())
+                layer.area.copy_(new)
+        removed = [0] * model.n_hidden
+        if p.neurons:
+            stats = feature_map_statistics(model, X, self.cfg.train.eval_batch_size)
+            for h in range(model.n_hidden):
+                layer = model.layers[h]
+                keep = maps_to_keep(stats.abs_means[h], layer.mask, model.layers[h + 1].mask, p.neuron_threshold,
+                                    getattr(layer, "area", None))
+                removed[h] = remove_feature_maps(model, h, keep, stats, self.optimizer)
+        return removed
 
     # ---- training helpers ----------------------------------------------------
     def _augment(self, generator: torch.Generator):
@@ -353,7 +423,7 @@ class Synthesis:
                 "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
 
     def _load_model_state(self, snap: dict) -> None:
-        self.model = SparseMLP.from_arch(snap["arch"]).to(self.device)
+        self.model = model_from_arch(snap["arch"]).to(self.device)
         self.model.load_state_dict(snap["model"])
         self.optimizer = make_optimizer(self.model, self.cfg.train, self.state.lr_scale)
 
@@ -412,14 +482,16 @@ class Synthesis:
             cfg=self.cfg, model_name=self.model_name, dataset=self.data.name, state=st,
             rows=rows, test_error=test_error, val_error=st.accepted_val,
             ref_widths=self.ref_widths, final_widths=self.model.widths, device=str(self.device),
-            input_shape=self.data.input_shape)
+            input_shape=self.data.input_shape, reference=self.spec)
         if self.out is not None:
             from .report import write_run_outputs
             write_run_outputs(self.out, self.model, report)
         return report
 
 
-def _reference_shape(reference: ModelSpec | SparseMLP):
+def _reference_shape(reference: ModelSpec | CNNSpec | SparseMLP):
+    if isinstance(reference, CNNSpec):
+        return list(reference.widths), reference.activation, reference.batch_norm, reference.name
     if isinstance(reference, ModelSpec):
         return list(reference.widths), reference.activation, reference.batch_norm, reference.name
     return reference.widths, list(reference.activation_specs), reference.batch_norm, "custom"

@@ -5,7 +5,10 @@ of the mean loss with respect to the *dense* weight is ``delta_i.T @ x_i / N`` w
 ``delta_i = dL/du_i`` -- valid at dormant positions too, where a masked weight's
 ``.grad`` is zero (Policy 1, Eq. 1).  The bridging gradient of hidden layer h
 (Algorithm 1) is ``delta_{h+1}.T @ x_h / N``: the gradient of a direct connection
-from the neurons feeding layer h to the neurons fed by it.
+from the neurons feeding layer h to the neurons fed by it.  For a convolution the
+dense kernel gradient is ``conv2d_weight(x, W.shape, delta * A)``
+(:func:`nestsynth.growth.conv.weight_gradient`); bridging gradients exist only between
+linear layers (conv layers grow feature maps instead, Policy 3).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 @dataclass
 class GradientScan:
     grads: list[torch.Tensor]  # dL/dW_i, (out_i, in_i), dense
-    bridges: list[torch.Tensor]  # G_h, (out_{h+1}, in_h), one per hidden layer
+    bridges: list  # G_h (out_{h+1}, in_h) per hidden layer; None where layer h or h+1 is a convolution
     samples: int
 
 
@@ -41,21 +44,25 @@ def gradient_scan(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 204
         X: (N, *input_shape) inputs; y: (N,) labels.
         bridges: also compute the bridging gradients (neuron growth).
     """
+    from .conv import weight_gradient
+
     was_training = model.training
     model.eval()
     n = len(X)
     grads = [torch.zeros_like(layer.weight) for layer in model.layers]
-    bridge = [torch.zeros(model.layers[h + 1].out_features, model.layers[h].in_features,
-                          device=X.device) for h in range(model.n_hidden)] if bridges else []
+    linear = [layer.weight.dim() == 2 for layer in model.layers]
+    bridge = [torch.zeros(model.layers[h + 1].out_features, model.layers[h].in_features, device=X.device)
+              if linear[h] and linear[h + 1] else None for h in range(model.n_hidden)] if bridges else []
     for start in range(0, n, batch_size):
         xb, yb = X[start:start + batch_size], y[start:start + batch_size]
         inputs, outputs = model.trace(xb)
         loss = F.cross_entropy(outputs[-1], yb, reduction="sum") / n
-        deltas = torch.autograd.grad(loss, outputs)  # dL/du_i, (B, out_i)
+        deltas = torch.autograd.grad(loss, outputs)  # dL/du_i, (B, out_i) or (B, out_i, H, W)
         with torch.no_grad():
             for i, (d, x) in enumerate(zip(deltas, inputs)):
-                grads[i] += d.T @ x
-            for h in range(len(bridge)):
-                bridge[h] += deltas[h + 1].T @ inputs[h]
+                grads[i] += d.T @ x if linear[i] else weight_gradient(model.layers[i], x, d)
+            for h, g in enumerate(bridge):
+                if g is not None:
+                    g += deltas[h + 1].T @ inputs[h]
     model.train(was_training)
     return GradientScan(grads, bridge, n)

@@ -84,6 +84,13 @@ def redraw_plots(run: Path) -> list[Path]:
     if history:
         plot_connections(history, out / "connections.png")
         written.append(out / "connections.png")
+    final = load_run_model(run, "final")
+    if final is not None and hasattr(final, "n_conv"):  # CNN: the first conv layer's area of interest (Fig. 5)
+        from .area_plot import plot_area_of_interest
+        plot_area_of_interest(final.layers[0].area, out / "area_of_interest.png",
+                              "area of interest of the first-layer kernels")
+        written.append(out / "area_of_interest.png")
+        return written
     image_shape = _image_shape(run)
     seed, post = load_run_model(run, "seed"), load_run_model(run, "post_growth")
     if image_shape is not None and seed is not None and post is not None:

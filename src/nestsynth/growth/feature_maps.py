@@ -1,0 +1,235 @@
+"""Feature-map growth, Policy 3 (paper §3.2.3).
+
+"To add a new feature map to the convolutional layers, randomly generate sets of
+kernels, and pick the set of kernels that reduces L the most."  The paper reports
+that the loss reduction of the chosen set is about twice that of a random set (the
+naive approach); ``stats["ratio"]`` measures exactly that.
+
+A candidate for hidden conv layer ``h`` is one new feature map:
+
+* ``w_in`` (1, in_h, k, k): its incoming kernels (one k x k kernel per input channel);
+* ``w_out``: its outgoing weights into layer h+1 -- (out_{h+1}, 1, k', k') kernels when
+  h+1 is a convolution, (out_{h+1}, flat_size) columns when h+1 is the first linear
+  layer (the new channel's flattened positions, channel-major).
+
+Both shapes are those :func:`sparse.append_units` takes (with one unit), so the lead
+installs a result with ``append_units(model, h, w_in, w_out)``.
+
+Choices (the paper gives no details):
+
+* Sparsity: a connection is a single kernel weight (the mask granularity of
+  :class:`MaskedConv2d`); a random ``density`` share of the positions of ``w_in`` and
+  of ``w_out`` (exactly ``max(1, round(density * numel))`` each, chosen uniformly) is
+  active, the rest is zero (and becomes dormant under ``append_units``).
+* Scale: ``scale="layer"`` (default) draws active weights from U(-a, a) with
+  ``a = 2 * mean|w|`` over the active weights of the layer being extended
+  (layer h for ``w_in``, layer h+1 for ``w_out``), i.e. the same mean magnitude as the
+  trained layer (cf. the birth strength of Eq. 7); ``scale="default"`` uses PyTorch's
+  default bound ``1 / sqrt(fan_in)`` (fan_in = in_h*k*k for ``w_in``; the current fan-in
+  of layer h+1 for ``w_out``); a float is used as the bound ``a`` for both.  A layer
+  without active weights falls back to the default bound.
+* The new map's bias is 0; with batch norm it gets the entries ``append_units``
+  installs (running mean 0, var 1, weight 1, bias 0).  The new map computes its whole
+  output area.
+* Loss: mean cross-entropy on the given batch, model in **eval mode** (batch norm with
+  running statistics, dropout off; as the gradient scores in :mod:`growth.scores`).
+  The model is not modified: one traced forward gives layer h's input x_h and layer
+  h+1's output u_{h+1}; a candidate adds its exact contribution
+  ``e = conv2d(post(conv2d(x_h, w_in)), w_out) * A_{h+1}`` (or ``post(.).flatten @ w_out.T``
+  for a linear layer h+1) to u_{h+1}, and the rest of the network runs from there.
+  A new channel does not interact with layer h's other channels, so this equals the
+  model with the map installed (tested against ``append_units`` on a deep copy).
+* Several maps (:func:`grow_feature_maps`): chosen one after another, each given the
+  previously chosen ones (their contributions to u_{h+1} add up).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NestError
+from ..sparse.conv import MaskedConv2d
+
+
+# ---- candidates ------------------------------------------------------------------
+def _check_layer(model, h: int) -> None:
+    if not (0 <= h < model.n_hidden and isinstance(model.layers[h], MaskedConv2d)):
+        raise NestError(f"feature-map growth needs a hidden conv layer; layer {h} is not one.")
+
+
+def _mean_abs_active(layer) -> float:
+    w = (layer.weight.detach() * layer.mask)
+    nz = w[w != 0]
+    return float(nz.abs().mean()) if nz.numel() else 0.0
+
+
+def _out_shape(model, h: int) -> tuple[int, ...]:
+    """Shape of one new map's outgoing weights into layer h+1."""
+    nxt = model.layers[h + 1]
+    if isinstance(nxt, MaskedConv2d):
+        return (nxt.out_features, 1, nxt.kernel_size, nxt.kernel_size)
+    return (nxt.out_features, model.flat_size)
+
+
+def _bounds(model, h: int, scale) -> tuple[float, float]:
+    """Uniform bounds (a_in, a_out) of the new map's incoming and outgoing weights."""
+    src, nxt = model.layers[h], model.layers[h + 1]
+    default_in = 1.0 / math.sqrt(src.in_features * src.kernel_size ** 2)
+    default_out = 1.0 / math.sqrt(nxt.weight[0].numel())  # current fan-in of layer h+1
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return float(scale), float(scale)
+    if scale == "default":
+        return default_in, default_out
+    if scale == "layer":
+        a_in, a_out = 2 * _mean_abs_active(src), 2 * _mean_abs_active(nxt)
+        return a_in or default_in, a_out or default_out
+    raise NestError(f"unknown scale {scale!r}; use 'layer', 'default' or a number.")
+
+
+def _sparse_uniform(shape, density: float, bound: float, generator: torch.Generator) -> torch.Tensor:
+    """U(-bound, bound) weights at exactly max(1, round(density * numel)) random positions, 0 elsewhere."""
+    n = math.prod(shape)
+    active = min(n, max(1, round(density * n)))
+    w = torch.zeros(n)
+    pos = torch.randperm(n, generator=generator)[:active]
+    w[pos] = (torch.rand(active, generator=generator) * 2 - 1) * bound
+    return w.view(shape)
+
+
+def random_feature_map(model, h: int, density: float, generator: torch.Generator,
+                       scale="layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """One random candidate map for hidden conv layer h (see the module docstring).
+
+    Returns:
+        (w_in (1, in_h, k, k), w_out (out_{h+1}, 1, k', k') or (out_{h+1}, flat_size)),
+        on the model's device and dtype.
+    """
+    _check_layer(model, h)
+    src = model.layers[h]
+    a_in, a_out = _bounds(model, h, scale)
+    w_in = _sparse_uniform((1, src.in_features, src.kernel_size, src.kernel_size), density, a_in, generator)
+    w_out = _sparse_uniform(_out_shape(model, h), density, a_out, generator)
+    like = src.weight
+    return w_in.to(like.device, like.dtype), w_out.to(like.device, like.dtype)
+
+
+# ---- exact loss of a model with extra maps -----------------------------------------
+def _new_map_post(model, h: int, u: torch.Tensor) -> torch.Tensor:
+    """hidden_post for a new channel (B, 1, H, W): BN with the entries append_units installs
+    (eval: u / sqrt(1 + eps)), activation, pooling; flattened (B, flat_size) after the last conv."""
+    if model.norms:
+        u = u / math.sqrt(1.0 + model.norms[h].eps)
+    u = model.pools[h](model.acts[h](u))
+    return u.flatten(1) if h == model.n_conv - 1 else u
+
+
+def map_contribution(model, h: int, x_h: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """The change of layer h+1's output u_{h+1} when the map (w_in, w_out) is added to layer h.
+
+    Args:
+        x_h: layer h's input (B, in_h, H, W).
+        w_in: (1, in_h, k, k); w_out: as :func:`random_feature_map` returns.
+
+    Returns:
+        (B, out_{h+1}, H', W') for a conv layer h+1 (area mask applied), else (B, out_{h+1}).
+    """
+    src, nxt = model.layers[h], model.layers[h + 1]
+    post = _new_map_post(model, h, F.conv2d(x_h, w_in, None, src.stride, src.padding))
+    if isinstance(nxt, MaskedConv2d):
+        extra = F.conv2d(post, w_out, None, nxt.stride, nxt.padding)
+        return extra if bool(nxt.area.all()) else extra * nxt.area
+    return post @ w_out.T
+
+
+def forward_from(model, i: int, u: torch.Tensor) -> torch.Tensor:
+    """Logits from layer i's (pre-normalisation) output u."""
+    x = model.hidden_post(i, u) if i < model.n_hidden else u
+    for j in range(i + 1, len(model.layers)):
+        x = model.layers[j](x)
+        if j < model.n_hidden:
+            x = model.hidden_post(j, x)
+    return x
+
+
+def _stats(loss_before: float, losses: list[float], best: int) -> dict:
+    reductions = [loss_before - v for v in losses]
+    mean_red = sum(reductions) / len(reductions)
+    best_red = reductions[best]
+    return {"loss_before": loss_before, "best_loss": losses[best], "best_index": best,
+            "best_reduction": best_red, "mean_random_reduction": mean_red,
+            "ratio": best_red / mean_red if mean_red > 1e-12 else float("nan"),
+            "candidate_losses": losses}
+
+
+# ---- Policy 3 --------------------------------------------------------------------
+def grow_feature_maps(model, h: int, n_maps: int, X: torch.Tensor, y: torch.Tensor, candidates: int,
+                      density: float, generator: torch.Generator, scale="layer"):
+    """``n_maps`` new feature maps for hidden conv layer h, chosen one after another.
+
+    Map j is the best of ``candidates`` random maps for the model with maps 0..j-1
+    already added.  The model is not modified.
+
+    Args:
+        model: SparseCNN (evaluated in eval mode, restored afterwards).
+        h: hidden conv layer index.
+        X, y: the batch the loss is measured on (mean cross-entropy).
+        candidates: random candidate maps per new map (>= 1).
+        density: share of active weights in each candidate's w_in and w_out.
+        generator: RNG for the candidates (candidate c of map j is the
+            (j * candidates + c)-th call of :func:`random_feature_map`).
+        scale: "layer", "default" or a float bound (module docstring).
+
+    Returns:
+        (w_in (n, in_h, k, k), w_out (out, n, k', k') or (out, n * flat_size), stats):
+        ready for ``append_units(model, h, w_in, w_out)``; ``stats`` is one dict per map
+        with ``loss_before`` (with the earlier maps), ``best_reduction``,
+        ``mean_random_reduction`` (mean over all candidates), ``ratio`` = best / mean
+        random (NaN when the mean is <= 0), ``best_loss``, ``best_index`` and
+        ``candidate_losses``.
+    """
+    _check_layer(model, h)
+    if candidates < 1:
+        raise NestError("feature-map growth needs at least one candidate.")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs, outputs = model.trace(X)
+            x_h, u_next = inputs[h], outputs[h + 1]
+            loss_of = lambda extra: float(F.cross_entropy(forward_from(model, h + 1, u_next + extra), y))
+            total = torch.zeros_like(u_next)
+            loss_before = float(F.cross_entropy(outputs[-1], y))
+            ins, outs, stats = [], [], []
+            for _ in range(n_maps):
+                cands, losses, extras = [], [], []
+                for _ in range(candidates):
+                    w_in, w_out = random_feature_map(model, h, density, generator, scale)
+                    extra = map_contribution(model, h, x_h, w_in, w_out)
+                    cands.append((w_in, w_out))
+                    losses.append(loss_of(total + extra))
+                    extras.append(extra)
+                best = min(range(candidates), key=losses.__getitem__)
+                stats.append(_stats(loss_before, losses, best))
+                ins.append(cands[best][0])
+                outs.append(cands[best][1])
+                total = total + extras[best]
+                loss_before = losses[best]
+    finally:
+        model.train(was)
+    return torch.cat(ins, 0), torch.cat(outs, 1), stats
+
+
+def grow_feature_map(model, h: int, X: torch.Tensor, y: torch.Tensor, candidates: int, density: float,
+                     generator: torch.Generator, scale="layer"):
+    """Policy 3 for one new feature map of hidden conv layer h (see :func:`grow_feature_maps`).
+
+    Returns:
+        (w_in (1, in_h, k, k), w_out (out, 1, k', k') or (out, flat_size), stats) with
+        stats = {"loss_before", "best_reduction", "mean_random_reduction", "ratio",
+        "best_loss", "best_index", "candidate_losses"}.
+    """
+    w_in, w_out, stats = grow_feature_maps(model, h, 1, X, y, candidates, density, generator, scale)
+    return w_in, w_out, stats[0]
