@@ -264,18 +264,21 @@ class Synthesis:
         """One growth step: connections (Policy 1) in every layer, then neurons (Policy 2)."""
         g, model = self.cfg.growth, self.model
         X, y = self._score_data()
-        scan = gradient_scan(model, X, y, self.cfg.train.eval_batch_size, bridges=g.neurons)
+        # CNNs rank dormant connections in blocks with a running top-k (bounded memory)
+        blocked = self.spec is not None and g.connections and g.connection_scope == "global"
+        scan = (gradient_scan(model, X, y, self.cfg.train.eval_batch_size, bridges=g.neurons, grads=not blocked)
+                if g.neurons or not blocked else None)
         conns, neurons = 0, []
         if g.connections:
             masks = [layer.mask for layer in model.layers]
-            scores = [grad.abs() for grad in scan.grads]
-            if g.connection_scope == "global":
-                k = sum(connections_to_grow(m[0].numel(), m.shape[0], g.connection_fraction) for m in masks)
-                new_masks = grow_connections_global(scores, masks, k)
+            k_layer = [connections_to_grow(m[0].numel(), m.shape[0], g.connection_fraction) for m in masks]
+            if blocked:
+                from .growth import top_dormant
+                new_masks = top_dormant(model, X, y, sum(k_layer), self.cfg.train.eval_batch_size)
+            elif g.connection_scope == "global":
+                new_masks = grow_connections_global([grad.abs() for grad in scan.grads], masks, sum(k_layer))
             else:
-                new_masks = [grow_connections(s, m, connections_to_grow(m[0].numel(), m.shape[0],
-                                                                         g.connection_fraction))
-                             for s, m in zip(scores, masks)]
+                new_masks = [grow_connections(grad.abs(), m, k) for grad, m, k in zip(scan.grads, masks, k_layer)]
             for layer, new in zip(model.layers, new_masks):
                 conns += int(new.sum() - layer.mask.sum())
                 set_mask(layer, new, self.optimizer)

@@ -34,7 +34,7 @@ def scan_indices(n: int, max_samples: int, generator: torch.Generator | None) ->
 
 
 def gradient_scan(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 2048,
-                  bridges: bool = True) -> GradientScan:
+                  bridges: bool = True, grads: bool = True) -> GradientScan:
     """Dense weight gradients, bridging gradients and output statistics over (X, y).
 
     The model is evaluated in eval mode (batch norm uses running statistics), so the
@@ -43,13 +43,15 @@ def gradient_scan(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 204
     Args:
         X: (N, *input_shape) inputs; y: (N,) labels.
         bridges: also compute the bridging gradients (neuron growth).
+        grads: compute the dense weight gradients (False: ``grads`` is empty, e.g. when
+            connection growth ranks with the memory-bounded :func:`growth.conv.top_dormant`).
     """
     from .conv import weight_gradient
 
     was_training = model.training
     model.eval()
     n = len(X)
-    grads = [torch.zeros_like(layer.weight) for layer in model.layers]
+    grads = [torch.zeros_like(layer.weight) for layer in model.layers] if grads else []
     linear = [layer.weight.dim() == 2 for layer in model.layers]
     bridge = [torch.zeros(model.layers[h + 1].out_features, model.layers[h].in_features, device=X.device)
               if linear[h] and linear[h + 1] else None for h in range(model.n_hidden)] if bridges else []
@@ -59,7 +61,7 @@ def gradient_scan(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 204
         loss = F.cross_entropy(outputs[-1], yb, reduction="sum") / n
         deltas = torch.autograd.grad(loss, outputs)  # dL/du_i, (B, out_i) or (B, out_i, H, W)
         with torch.no_grad():
-            for i, (d, x) in enumerate(zip(deltas, inputs)):
+            for i, (d, x) in enumerate(zip(deltas[:len(grads)], inputs)):
                 grads[i] += d.T @ x if linear[i] else weight_gradient(model.layers[i], x, d)
             for h, g in enumerate(bridge):
                 if g is not None:
