@@ -8,9 +8,9 @@ batch norm, no training state) described by plain data (:meth:`CompactMLP.arch`)
 a flat dict of dense tensors (:meth:`CompactMLP.tensors`), so it can be written as a
 ``weights_only`` torch file or as safetensors + JSON (see :mod:`.formats`).
 
-Layers are a list of typed entries (``{"type": "linear", ...}``); a new layer type (a
-convolution, later) is a new class registered in :data:`LAYER_TYPES` with the same
-``spec`` / ``tensors`` / ``from_state`` interface.
+Layers are a list of typed entries (``{"type": "linear", ...}``) with a
+``spec`` / ``tensors`` / ``from_state`` interface; CNNs (conv stages, then these linear
+layers) are :class:`~nestsynth.export.compact_cnn.CompactCNN` (architecture ``kind: "cnn"``).
 
 Neuron removal (exact, up to float rounding), repeated until nothing changes:
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NestError
+from ..sparse.cnn import SparseCNN
 from ..sparse.mlp import SparseMLP, make_activation
 
 FORMAT = "nestsynth-compact"
@@ -294,7 +295,9 @@ def prune_dead_neurons(weights: list[torch.Tensor], biases: list[torch.Tensor],
 
 def compact_from_sparse(model: SparseMLP, storage: str = "auto", batch_size: int = 1,
                         input_shape=None, meta: dict | None = None, **choose_kwargs) -> tuple[CompactMLP, dict]:
-    """Build the compact inference model of a (trained) SparseMLP.
+    """Build the compact inference model of a (trained) SparseMLP, or of a SparseCNN
+    (then a :class:`~nestsynth.export.compact_cnn.CompactCNN`, see
+    :func:`~nestsynth.export.compact_cnn.compact_cnn_from_sparse`).
 
     Args:
         model: the masked model (its batch-norm statistics are used, as in eval mode).
@@ -316,6 +319,10 @@ def compact_from_sparse(model: SparseMLP, storage: str = "auto", batch_size: int
 
     if storage not in ("auto",) + STORAGES:
         raise NestError(f"unknown --sparse mode {storage!r}; valid: auto, dense, csr.")
+    if isinstance(model, SparseCNN):  # see compact_cnn (the input shape is the model's own)
+        from .compact_cnn import compact_cnn_from_sparse
+
+        return compact_cnn_from_sparse(model, storage, batch_size, meta, **choose_kwargs)
     layers_fd = folded_layers(model)
     weights = [w for w, _ in layers_fd]
     biases = [b for _, b in layers_fd]

@@ -8,6 +8,9 @@
 * ``onnx`` (``.onnx``): the compact network with every layer **dense** (ONNX has no
   sparse-matrix operator that runtimes execute as such), the architecture as JSON in
   the model's metadata (key ``nestsynth``).  Needs the ``onnx`` extra.
+
+Each format holds a :class:`CompactMLP` or a :class:`CompactCNN`; the architecture's
+``kind`` (``"sequential"`` / ``"cnn"``) picks the class on load (:func:`compact_from_state`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 from .. import checkpoint as ckpt
 from ..errors import NestError
 from .compact import FORMAT, CompactMLP
+from .compact_cnn import KIND as CNN_KIND
+from .compact_cnn import CompactCNN
 
 FORMATS = ("pytorch", "safetensors", "onnx")
 SUFFIX = {"pytorch": ".pt", "safetensors": ".safetensors", "onnx": ".onnx"}
@@ -52,15 +57,26 @@ def _require_onnx():
         raise NestError("ONNX needs the onnx and onnxruntime packages: pip install 'nestsynth[onnx]'.") from None
 
 
+def compact_from_state(arch, tensors: dict) -> CompactMLP | CompactCNN:
+    """Rebuild a compact model from its architecture and tensors (the class by ``arch["kind"]``).
+
+    Raises:
+        NestError: not a compact model, or tensors that do not match the architecture.
+    """
+    if isinstance(arch, dict) and arch.get("kind") == CNN_KIND:
+        return CompactCNN.from_state(arch, tensors)
+    return CompactMLP.from_state(arch, tensors)
+
+
 # ---------------------------------------------------------------------------- pytorch
 
 
-def save_pytorch(model: CompactMLP, path: Path) -> None:
+def save_pytorch(model: CompactMLP | CompactCNN, path: Path) -> None:
     ckpt.atomic_torch_save({"format": FORMAT, "version": 1, "arch": model.arch(),
                             "tensors": {k: v.detach().cpu() for k, v in model.tensors().items()}}, path)
 
 
-def load_pytorch(path: Path) -> CompactMLP:
+def load_pytorch(path: Path) -> CompactMLP | CompactCNN:
     """Load a ``.pt`` compact model with ``weights_only=True``.
 
     Raises:
@@ -69,13 +85,13 @@ def load_pytorch(path: Path) -> CompactMLP:
     blob = ckpt.safe_load(path)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or "arch" not in blob or "tensors" not in blob:
         raise NestError(f"{str(path)!r} is not a nestsynth compact model (export one with nestsynth export).")
-    return CompactMLP.from_state(blob["arch"], blob["tensors"])
+    return compact_from_state(blob["arch"], blob["tensors"])
 
 
 # ---------------------------------------------------------------------------- safetensors
 
 
-def save_safetensors(model: CompactMLP, path: Path) -> Path:
+def save_safetensors(model: CompactMLP | CompactCNN, path: Path) -> Path:
     """Write ``path`` and its JSON sidecar; returns the sidecar's path."""
     from safetensors.torch import save
 
@@ -89,7 +105,7 @@ def save_safetensors(model: CompactMLP, path: Path) -> Path:
     return side
 
 
-def load_safetensors(path: Path) -> CompactMLP:
+def load_safetensors(path: Path) -> CompactMLP | CompactCNN:
     """Load ``.safetensors`` + sidecar JSON (the metadata copy when the sidecar is absent).
 
     Raises:
@@ -114,13 +130,13 @@ def load_safetensors(path: Path) -> CompactMLP:
     except (KeyError, TypeError, json.JSONDecodeError):
         raise NestError(f"{str(side)!r} (the architecture of {path.name}) is missing or not valid "
                         "JSON.") from None
-    return CompactMLP.from_state(arch, tensors)
+    return compact_from_state(arch, tensors)
 
 
 # ---------------------------------------------------------------------------- onnx
 
 
-def onnx_bytes(model: CompactMLP) -> bytes:
+def onnx_bytes(model: CompactMLP | CompactCNN) -> bytes:
     """The compact model, densified, as ONNX (dynamic batch axis, input (B, *input_shape))."""
     _require_onnx()
     import onnx
@@ -178,7 +194,7 @@ class OnnxModel:
         return torch.from_numpy(self.run_numpy(x.contiguous().numpy()))
 
 
-def save_onnx(model: CompactMLP, path: Path) -> bytes:
+def save_onnx(model: CompactMLP | CompactCNN, path: Path) -> bytes:
     data = onnx_bytes(model)
     ckpt.atomic_write_bytes(path, data)
     return data
@@ -193,7 +209,7 @@ def load_onnx(path: Path, threads: int | None = None) -> OnnxModel:
 # ---------------------------------------------------------------------------- any
 
 
-def save_artifact(model: CompactMLP, path: Path, fmt: str) -> list[Path]:
+def save_artifact(model: CompactMLP | CompactCNN, path: Path, fmt: str) -> list[Path]:
     """Write ``model`` in ``fmt``; returns the files written."""
     if fmt == "pytorch":
         save_pytorch(model, path)
@@ -207,7 +223,7 @@ def save_artifact(model: CompactMLP, path: Path, fmt: str) -> list[Path]:
 
 
 def load_artifact(path: str | Path, threads: int | None = None):
-    """A compact model from any artifact: :class:`CompactMLP` or :class:`OnnxModel`."""
+    """A compact model from any artifact: :class:`CompactMLP`, :class:`CompactCNN` or :class:`OnnxModel`."""
     path = Path(path)
     fmt = format_of(path)
     if fmt == "pytorch":

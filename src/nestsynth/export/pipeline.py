@@ -1,8 +1,20 @@
-"""The three operations behind the command line: export, evaluate, bench-infer."""
+"""The three operations behind the command line: export, evaluate, bench-infer.
+
+Each accepts a SparseMLP run (a :class:`CompactMLP` artifact) or a SparseCNN run (a
+:class:`CompactCNN` artifact).  For a CNN run the dense reference timed by bench-infer
+is the registered spec of the run's model (``registry.get_model(report["model"])``)
+built with the report's reference widths, or -- for a model that is not registered
+(a user CNN) -- the final model's layout with those widths; its weights are random
+and it runs as a compact CNN (plain convolutions, dense linear layers).  The FLOP
+ratio beside the speedups divides the report's dense-reference FLOPs
+(``dense_reference.flops``; computed from the reference model when the report has
+none) by each variant's executed FLOPs.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from contextlib import contextmanager
@@ -13,11 +25,13 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..errors import NestError
-from ..metrics import dense_flops
+from ..metrics import dense_flops, reference_flops
 from ..report.summary import load_model
+from ..sparse.cnn import SparseCNN
 from ..sparse.mlp import SparseMLP
 from .bench import measure_latency
 from .compact import CompactLinear, CompactMLP, compact_from_sparse, max_abs_difference
+from .compact_cnn import CompactCNN, CompactConv2d
 from .formats import (FORMATS, SUFFIX, OnnxModel, _require_onnx, artifact_files, format_of, load_artifact,
                       load_onnx, onnx_bytes, save_artifact)
 
@@ -29,7 +43,7 @@ TOLERANCE = 1e-5
 class Source:
     """The masked model of a run and what the run says about it."""
 
-    model: SparseMLP
+    model: SparseMLP | SparseCNN
     model_file: Path
     run_dir: Path | None
     name: str = "custom"
@@ -45,6 +59,22 @@ class Source:
     def reference_widths(self) -> list[int]:
         widths = (self.report.get("dense_reference") or {}).get("widths")
         return [int(w) for w in widths] if widths else self.model.widths
+
+    @property
+    def is_cnn(self) -> bool:
+        return isinstance(self.model, SparseCNN)
+
+    @property
+    def n_inputs(self) -> int:
+        """Values per input sample (MLP: the input width; CNN: C x H x W)."""
+        return math.prod(self.model.input_shape) if self.is_cnn else self.model.widths[0]
+
+    @property
+    def sample_shape(self) -> list[int]:
+        """Shape of one input sample."""
+        if self.is_cnn:
+            return list(self.model.input_shape)
+        return list(self.input_shape or [self.model.widths[0]])
 
 
 def load_source(path: str | Path) -> Source:
@@ -73,6 +103,8 @@ def load_source(path: str | Path) -> Source:
             raise NestError(f"{str(ckpt.report_path(run))!r} is not valid JSON.") from None
         if not src.input_shape and src.report.get("input_shape"):
             src.input_shape = list(src.report["input_shape"])
+    if src.is_cnn and not src.input_shape:
+        src.input_shape = list(model.input_shape)
     if run is not None and ckpt.config_path(run).is_file():
         try:
             from .. import config as config_mod
@@ -172,8 +204,8 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
             X, y = test.X, test.y
         else:
             g = torch.Generator().manual_seed(0)
-            X, y = torch.rand(2048, *(src.input_shape or [src.model.widths[0]]), generator=g), None
-        _check_width(src.model.widths[0], X, "the model")
+            X, y = torch.rand(2048, *src.sample_shape, generator=g), None
+        _check_width(src.n_inputs, X, "the model")
         result = {"artifact": None, "format": fmt, "sparse": sparse, "check_inputs": check,
                   "check_samples": int(X.shape[0]), "tolerance": tolerance, **info}
         diff = max_abs_difference(src.model, compact, X)
@@ -200,8 +232,8 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
         result["artifact"] = str(path)
         result["files"] = _sizes(files)
         result["source_model_bytes"] = src.model_file.stat().st_size
-        result["nnz_flops"] = 2 * compact.nnz()
-        result["executed_flops"] = compact.executed_flops() if fmt != "onnx" else dense_flops(compact.widths)
+        result["nnz_flops"] = _nonzero_flops(compact)
+        result["executed_flops"] = compact.executed_flops() if fmt != "onnx" else _dense_flops(compact)
         result["seconds"] = round(time.perf_counter() - started, 3)
         result["threads"] = torch.get_num_threads()
         report_file = path.with_name(path.name + ".export.json")  # compact.pt.export.json
@@ -213,14 +245,21 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
 def format_export(result: dict) -> str:
     lines = [f"{'layer':<7}{'in':>6}{'out':>6}{'nnz':>8}{'density':>9}  storage  reason"]
     for d in result["layers"]:
-        nnz = round(d["density"] * d["in"] * d["out"])
-        lines.append(f"fc{d['layer'] + 1:<5}{d['in']:>6}{d['out']:>6}{nnz:>8}{d['density']:>9.3f}  "
+        nnz = d.get("nnz", round(d["density"] * d["in"] * d["out"]))
+        name = d.get("name", f"fc{d['layer'] + 1}")
+        lines.append(f"{name:<7}{d['in']:>6}{d['out']:>6}{nnz:>8}{d['density']:>9.3f}  "
                      f"{d['storage']:<8} {d['reason']}")
     removed = result["removed_neurons"]
     lines.append(f"widths {'-'.join(map(str, result['widths_masked']))} -> "
                  f"{'-'.join(map(str, result['widths_compact']))} (inputs read {result['inputs_read']} of "
                  f"{result['inputs']}; hidden neurons removed: dead {removed['dead']}, constant folded "
-                 f"{removed['constant_folded']})")
+                 f"{removed['constant_folded']})" + (" [conv layers: feature maps, inputs: channels]"
+                                                      if "area_masks" in result else ""))
+    if "area_masks" in result:
+        lines.append("partial-area masks kept on " + (", ".join(
+            f"conv{i + 1}" for i, a in enumerate(result["area_masks"]) if a) or "no conv layer") +
+            "; offset maps (folded constants / BN of masked positions) on " + (", ".join(
+                f"conv{i + 1}" for i, o in enumerate(result["offset_maps"]) if o) or "no conv layer"))
     what = "test set" if result["check_inputs"] == "test" else "random inputs"
     lines.append(f"check on {result['check_samples']} {what}: max |compact - masked| = "
                  f"{result['max_abs_diff']:.3g}" +
@@ -249,7 +288,7 @@ def evaluate_artifact(path: str | Path, dataset: str | None = None, data_dir: st
     if not data_dir and meta.get("data_dir") and Path(meta["data_dir"]).is_dir():
         data_dir = meta["data_dir"]
     test = _test_set(dataset, data_dir)
-    n_inputs = model.n_inputs if isinstance(model, CompactMLP) else (model.arch.get("n_inputs")
+    n_inputs = model.n_inputs if isinstance(model, (CompactMLP, CompactCNN)) else (model.arch.get("n_inputs")
                                                                      or test.X[0].numel())
     _check_width(int(n_inputs), test.X, str(path))
     wrong = _error(model, test.X, test.y, batch_size)
@@ -258,6 +297,65 @@ def evaluate_artifact(path: str | Path, dataset: str | None = None, data_dir: st
 
 
 # ---------------------------------------------------------------------------- bench-infer
+
+
+def _nonzero_flops(compact) -> int:
+    """2 x MACs of the compact model's non-zero weights (CNN: at the positions computed)."""
+    return compact.nonzero_flops() if isinstance(compact, CompactCNN) else 2 * compact.nnz()
+
+
+def _dense_flops(compact) -> int:
+    """FLOPs of the compact model with every layer dense (its ONNX graph)."""
+    return compact.dense_flops() if isinstance(compact, CompactCNN) else dense_flops(compact.widths)
+
+
+def reference_cnn(src: Source, seed: int = 0) -> SparseCNN:
+    """The run's dense reference CNN (random weights, eval mode).
+
+    The registered spec named by the run (``src.name`` / ``report["model"]``) built with
+    the reference widths when it is a CNN spec of the same depth and input size;
+    otherwise the final model's layout (:meth:`SparseCNN.arch`) with those widths.
+    """
+    from ..registry import CNNSpec, get_model
+
+    widths, g = src.reference_widths, torch.Generator().manual_seed(seed)
+    model = src.model
+    try:
+        spec = get_model(src.report.get("model") or src.name)
+    except NestError:
+        spec = None
+    if isinstance(spec, CNNSpec) and len(spec.widths) == len(widths) and \
+            tuple(spec.input_shape[1:]) == tuple(model.input_shape[1:]):
+        return spec.build(g, widths=widths).eval()
+    if len(widths) != len(model.widths):
+        raise NestError(f"the run's reference widths {widths} do not fit the layout of its final model "
+                        f"({len(model.widths)} widths).")
+    arch = model.arch()
+    arch["input_shape"] = [int(widths[0]), *arch["input_shape"][1:]]
+    for i, spec_dict in enumerate(arch["conv"] + arch["fc"]):
+        spec_dict["out"] = int(widths[i + 1])
+    ref = SparseCNN(arch["input_shape"], arch["conv"], arch["fc"], arch["batch_norm"], g)
+    return ref.eval()
+
+
+def dense_reference_cnn(src: Source, seed: int = 0) -> tuple[CompactCNN, int, int]:
+    """(dense reference as a compact CNN, its dense FLOPs, its fp32 weight+bias bytes) for timing.
+
+    Every layer is kept as it is (nothing to remove in a dense random network): plain
+    convolutions without area masks, dense linear layers, batch norm folded.
+    """
+    ref = reference_cnn(src, seed)
+    layers = []
+    for i, layer in enumerate(ref.layers):
+        w, b = ref.folded_layer(i)
+        act = ref.activation_specs[i] if i < ref.n_hidden else None
+        if ref.is_conv(i):
+            layers.append(CompactConv2d(w, b, layer.stride, layer.padding, layer.out_hw, activation=act,
+                                        pool=ref.conv_specs[i]["pool"], choice={"storage": "dense"}))
+        else:
+            layers.append(CompactLinear(w, b, "dense", act, {"storage": "dense"}))
+    size = 4 * sum(layer.weight.numel() + layer.bias.numel() for layer in ref.layers)
+    return CompactCNN(layers, ref.input_shape).eval(), reference_flops(ref), size
 
 
 def dense_reference_model(widths, activations, input_shape=None, seed: int = 0) -> CompactMLP:
@@ -306,20 +404,29 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
     if not run:
         raise NestError(f"{str(artifact)!r} does not record its run; pass --run RUN_DIR.")
     src = load_source(run)
-    if src.model.widths[0] != compact.n_inputs or src.model.widths[-1] != compact.layers[-1].out_features:
+    if src.is_cnn != isinstance(compact, CompactCNN) or src.n_inputs != compact.n_inputs or \
+            src.model.widths[-1] != compact.layers[-1].out_features:
         raise NestError(f"the run {str(run)!r} does not hold the model {str(artifact)!r} was exported from.")
     shape = compact.input_shape or src.input_shape or [compact.n_inputs]
     ref_widths = src.reference_widths
-    reference = dense_reference_model(ref_widths, src.model.activation_specs, shape)
+    if src.is_cnn:
+        reference, ref_model_flops, ref_bytes = dense_reference_cnn(src)
+        ref_flops = int((src.report.get("dense_reference") or {}).get("flops") or ref_model_flops)
+        masked_flops, masked_note = reference_flops(src.model), \
+            "SparseCNN: dense conv/matmul of W*mask, area masks, batch norm"
+    else:
+        reference = dense_reference_model(ref_widths, src.model.activation_specs, shape)
+        ref_model_flops = ref_flops = dense_flops(ref_widths)
+        ref_bytes = 4 * sum(a * b + b for a, b in zip(ref_widths[:-1], ref_widths[1:]))
+        masked_flops, masked_note = dense_flops(src.model.widths), "SparseMLP: dense matmul of W*mask, batch norm"
 
     with _torch_threads(threads):
-        variants = [("dense reference", reference, dense_flops(ref_widths), ref_widths, "random weights"),
-                    ("masked", src.model, dense_flops(src.model.widths), src.model.widths,
-                     "SparseMLP: dense matmul of W*mask, batch norm"),
+        variants = [("dense reference", reference, ref_model_flops, ref_widths, "random weights"),
+                    ("masked", src.model, masked_flops, src.model.widths, masked_note),
                     ("compact (PyTorch)", compact, compact.executed_flops(), compact.widths,
                      "storage " + "/".join(compact.storages()))]
         if "csr" in compact.storages():
-            variants.append(("compact, all dense", compact.densified(), dense_flops(compact.widths),
+            variants.append(("compact, all dense", compact.densified(), _dense_flops(compact),
                              compact.widths, "same widths, no CSR"))
         onnx_file, onnx_note = None, None
         if _onnx_available():
@@ -334,12 +441,11 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
                 else:
                     runner = OnnxModel(onnx_bytes(compact), threads)
                     onnx_note = "converted in memory from the artifact"
-            variants.append(("ONNX (onnxruntime)", runner, dense_flops(compact.widths), compact.widths,
+            variants.append(("ONNX (onnxruntime)", runner, _dense_flops(compact), compact.widths,
                              onnx_note or f"{onnx_file}"))
         else:
             onnx_note = "skipped: onnxruntime not installed (pip install 'nestsynth[onnx]')"
-        nnz_flops = 2 * compact.nnz()
-        ref_flops = dense_flops(ref_widths)
+        nnz_flops = _nonzero_flops(compact)
         g = torch.Generator().manual_seed(0)
         inputs = {b: torch.rand(b, *shape, generator=g) for b in batch_sizes}
         rows = []
@@ -374,8 +480,7 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
                     files[f.name] = f.stat().st_size
         if onnx_file is not None and onnx_file.is_file():
             files[onnx_file.name] = onnx_file.stat().st_size
-        files["dense reference (fp32 weights+biases, computed)"] = 4 * sum(
-            a * b + b for a, b in zip(ref_widths[:-1], ref_widths[1:]))
+        files["dense reference (fp32 weights+biases, computed)"] = ref_bytes
         result = {"artifact": str(artifact), "run": str(run), "input_shape": list(shape),
                   "batch_sizes": list(batch_sizes), "threads": int(threads), "repeats": repeats,
                   "warmup": warmup,
