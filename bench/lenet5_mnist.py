@@ -1,0 +1,119 @@
+"""Benchmark: NeST on LeNet-5 / MNIST (paper Table 2 / Table 4(b)), several seeds.
+
+    python bench/lenet5_mnist.py --data-dir ../shared/data/mnist [--seeds 0 1 2] [--jobs 2]
+
+Runs ``nestsynth synthesize`` from configs/lenet-5-mnist.toml once per seed (finished
+runs are reused, interrupted ones resumed), then writes test error, active weights,
+FLOPs with and without partial-area convolution (plain and activation-aware), Conv% per
+conv layer and wall time (mean +- std) to bench/results/lenet5_mnist.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from lenet300_mnist import mean_std, run_seed  # noqa: E402  (same runner: CLI subprocess per seed)
+
+
+def flops_without_area(run: Path) -> int:
+    """FLOPs (plain) of the final model with every partial-area mask switched back on."""
+    import torch
+
+    from nestsynth.metrics import layer_table, totals
+    from nestsynth.report import load_model
+
+    model = load_model(run / "model.pt")
+    with torch.no_grad():
+        for layer in model.layers[:model.n_conv]:
+            layer.area.fill_(1.0)
+    return round(totals(layer_table(model))["flops"])
+
+
+def summarize(reports: list[dict], runs: list[Path]) -> dict:
+    def col(f):
+        return mean_std([float(f(r)) for r in reports])
+
+    no_area = [flops_without_area(run) for run in runs]
+    convs = [x["name"] for x in reports[0]["layers"] if x.get("conv_pct") is not None]
+    return {
+        "runs": len(reports),
+        "test_error_pct": col(lambda r: 100 * r["test_error"]),
+        "val_error_pct": col(lambda r: 100 * r["val_error"]),
+        "weights_final": col(lambda r: r["weights"]["final"]),
+        "weights_post_growth": col(lambda r: r["weights"]["post_growth"]),
+        "flops_final": col(lambda r: r["flops"]["final"]),
+        "flops_final_act": col(lambda r: r["flops"]["final_act"]),
+        "flops_without_area": mean_std([float(v) for v in no_area]),
+        "conv_pct": {name: col(lambda r, name=name: next(x["conv_pct"] for x in r["layers"] if x["name"] == name))
+                     for name in convs},
+        "wall_seconds": col(lambda r: r["wall_seconds"]),
+        "epochs": col(lambda r: (r.get("budget") or {}).get("epochs") or 0),
+        "dense_test_error_pct": col(lambda r: 100 * r["dense_reference"]["test_error"]),
+        "per_seed": [{"seed": r["seed"], "test_error_pct": 100 * r["test_error"], "weights": r["weights"],
+                      "flops": r["flops"], "flops_without_area": na, "widths": r["widths"]["final"],
+                      "layers": [(x["name"], x["weights"], None if x.get("conv_pct") is None else round(x["conv_pct"]),
+                                  round(x["act_pct"] or 0)) for x in r["layers"]],
+                      "wall_seconds": r["wall_seconds"]} for r, na in zip(reports, no_area)],
+    }
+
+
+def markdown(s: dict, title: str) -> str:
+    def f(v, digits=0, scale=1.0):
+        m, sd = v
+        return f"{m * scale:,.{digits}f} ± {sd * scale:,.{digits}f}"
+
+    conv = ", ".join(f"{k} {f(v)}%" for k, v in s["conv_pct"].items())
+    lines = [f"### {title}", "",
+             "| | test error % | active weights | FLOPs (plain) | FLOPs (act-aware) | FLOPs without partial area "
+             "| Conv% | epochs | wall s |", "|---|---|---|---|---|---|---|---|---|",
+             f"| NeST ({s['runs']} seeds) | {f(s['test_error_pct'], 2)} | {f(s['weights_final'])} | "
+             f"{f(s['flops_final'])} | {f(s['flops_final_act'])} | {f(s['flops_without_area'])} | {conv} | "
+             f"{f(s['epochs'])} | {f(s['wall_seconds'])} |",
+             f"| dense LeNet-5, same pipeline | {f(s['dense_test_error_pct'], 2)} | 430,500 | 4,586,000 | – | – | – "
+             "| – | – |",
+             "", "| seed | test error % | weights | FLOPs plain / act / without area | final widths "
+             "| per layer (weights, Conv%, Act%) |", "|---|---|---|---|---|---|"]
+    for r in s["per_seed"]:
+        lines.append(f"| {r['seed']} | {r['test_error_pct']:.2f} | {r['weights']['final']} | "
+                     f"{r['flops']['final']} / {r['flops']['final_act']} / {r['flops_without_area']} | "
+                     f"{'-'.join(map(str, r['widths']))} | {r['layers']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "lenet-5-mnist.toml"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "runs" / "lenet5_mnist"))
+    ap.add_argument("--name", default="lenet5_mnist")
+    ap.add_argument("--set", action="append", default=[], help="config override for new runs")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs threads)")
+    args = ap.parse_args()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    runs = [Path(args.out) / f"seed{s}" for s in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        reports = list(pool.map(lambda sr: run_seed(Path(args.config), sr[0], sr[1], args.data_dir, args.set,
+                                                    threads), zip(args.seeds, runs)))
+    summary = summarize(reports, runs)
+    summary["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    summary["command"] = " ".join(["python", "bench/lenet5_mnist.py"] + sys.argv[1:])
+    summary["threads_per_run"] = threads
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = markdown(summary, f"NeST LeNet-5 / MNIST — `{summary['command']}`")
+    (results / f"{args.name}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
