@@ -15,21 +15,22 @@ Regularization" (ICLR 2018); seed 003.
     with the paper's beta = 2/3, gamma = -0.1, zeta = 1.1.  The network computes
     with ``w * z`` (one fresh noise sample per weight per minibatch, shared by the
     examples of the batch).  The objective is the paper's Eq. 3 with the expected
-    L0 norm in closed form::
+    L0 norm in closed form, divided by the training-set size N as in the paper's
+    "lambda = 0.1/N" and its reference code's ``-(1/N) * regularization()``::
 
-        loss = mean CE + (lam / N) * sum_j P(z_j != 0) * (1 + 0.5 * (weight_decay / lam) * w_j**2)
+        loss = mean CE + (1/N) * sum_j P(z_j != 0) * (lam + 0.5 * weight_decay * w_j**2)
         P(z_j != 0) = 1 - Q(s_bar_j <= 0) = sigmoid(log_alpha_j - beta * log(-gamma / zeta))
 
-    i.e. ``(lam/N) * sum_j P(z_j != 0)`` plus, when ``weight_decay > 0``, the
-    paper's gate-weighted L2 term ``(1/N) * sum_j P(z_j != 0) * 0.5 * weight_decay * w_j**2``
-    (the reference code's ``lamba`` and ``prior_prec``; both divided by the
-    training-set size N, as in the reference code's ``-(1/N) * regularization()``).
-    ``lam = 0.1`` is the paper's "lambda = 0.1/N".  ``log_alpha`` starts at
-    ``log(1 - p) - log(p)`` plus N(0, 0.01^2) noise, p = ``init_droprate`` (the
-    reference code's ``droprate_init``).  At the end the test-time gate
-    ``z_hat = min(1, max(0, sigmoid(log_alpha) * (zeta - gamma) + gamma))`` is folded
-    in: mask = mask * (z_hat > 0) and weight = weight * z_hat, so the returned model
-    equals the deterministic gated network exactly.
+    i.e. ``(lam/N) * sum_j P(z_j != 0)`` plus, only when ``weight_decay > 0``, the
+    reference code's gate-weighted L2 term (its ``prior_prec``); the sum runs over
+    the weights (biases are neither gated nor penalized).  ``lam = 0.1`` is the
+    paper's "lambda = 0.1/N".  ``log_alpha`` starts at ``log(1 - p) - log(p)`` plus
+    N(0, 0.01^2) noise, p = ``init_droprate`` (the reference code's ``droprate_init``;
+    p = 0.5 gives log_alpha = 0, i.e. P(z != 0) = 0.83 and z_hat = 0.5).  At the end
+    the test-time gate ``z_hat = min(1, max(0, sigmoid(log_alpha) * (zeta - gamma) + gamma))``
+    is folded in: mask = mask * (z_hat > 0) and weight = weight * z_hat, so the
+    returned model equals the deterministic gated network exactly.  The kept count
+    is the number of gates with z_hat > 0, i.e. log_alpha > log(-gamma / zeta) = -2.40.
 
     Deviations: gates are per weight (unstructured), not per input neuron as in
     the paper's MLP experiments, because every method here is compared by its
@@ -41,9 +42,15 @@ Regularization" (ICLR 2018); seed 003.
     group: log_alpha is stored as ``k * theta`` with ``k = gate_lr_scale`` under Adam
     (invariant to gradient scale, so log_alpha moves ``gate_lr_scale`` times as fast)
     and ``k = sqrt(gate_lr_scale)`` under SGD (where the step scales with ``k**2``).
-    Default ``lam = 1.0`` (ten times the paper's 0.1/N) and ``gate_lr_scale = 10``:
-    the paper trains 200 epochs; within the 40 epochs used here the paper's values
-    leave most gates open, these reach well over 90% sparsity on LeNet-300-100/MNIST.
+    Defaults ``lam = 0.5`` (five times the paper's 0.1/N) and ``gate_lr_scale = 10``,
+    because the paper trains 200 epochs and this budget is 40: a closed gate needs
+    log_alpha to fall from 0 to -2.4, which Adam at lr 1e-3 (cosine) cannot do for
+    gates that feel any loss gradient within 40 epochs.  Measured on
+    LeNet-300-100/MNIST (40 epochs, seed 0, 5k validation images): paper values
+    (lam 0.1, scale 1) pruned nothing in 10 epochs; lam 0.1 / 0.3 / 1.0 with scale 10
+    kept 47.7k / 19.1k / 6.4k weights (82 / 93 / 98% sparsity; test error 1.58 /
+    1.74 / 2.52%, Adam lr 1e-3, no augmentation); the defaults with the repo's
+    LeNet config (Adam lr 2e-3, affine augmentation) kept 10.1k (96.2%) at 1.38%.
 
 ``sensitivity`` -- Tartaglione, Lepsoy, Fiandrotti & Francini, "Learning Sparse
 Neural Networks via Sensitivity-Driven Regularization" (NeurIPS 2018); seed 003.
@@ -79,6 +86,21 @@ Neural Networks via Sensitivity-Driven Regularization" (NeurIPS 2018); seed 003.
     ``sgd_lr`` (the paper's SGD; cosine-annealed by the harness) unless ``sgd_lr = 0``,
     which uses the run's ``[train]`` optimizer instead.  (5) The paper chooses the
     threshold from validation performance; here it is a fixed hyperparameter.
+    (6) The harness anneals the learning rate (cosine down to 1% of it); the paper
+    keeps lr and lam constant.  With ``lam_follows_lr`` (default) the decay uses
+    ``lam * lr(t) / lr(0)``, so the paper's balance lam / lr between the decay and
+    the gradient step holds throughout; with a constant lam the decay overwhelms the
+    vanishing gradient steps at the end of the schedule (measured: lam 5e-3
+    constant left a network at 88% validation error before thresholding).
+
+    Defaults (lam 1e-2, threshold 0.02, 30 + 10 epochs, SGD lr 0.1): measured on
+    LeNet-300-100/MNIST with the repo's LeNet config (seed 0, affine augmentation)
+    they keep 22.8k weights (91.4% sparsity) at 1.40% test error (unsupervised
+    variant: 23.3k, 1.29%).  Without augmentation, lam 5e-3 and threshold 0.02 kept
+    23.8k at 1.56%.  Note that on this network S stays far below 1 (median
+    1e-5..1e-2 per layer, maximum 0.06 after 2 epochs), so max(0, 1 - S) is 0.94..1
+    and the decay acts almost uniformly: which weights survive is decided by the
+    gradient step resisting the decay, as the paper's Holder-bound argument says.
 """
 
 from __future__ import annotations
@@ -105,7 +127,7 @@ _U_EPS = 1e-6  # u is kept in [eps, 1 - eps] so that log u and log(1 - u) stay f
 class L0Config:
     """Hyperparameters of ``l0`` (section ``[methods.l0]``)."""
 
-    lam: float = 1.0  # penalty per expected non-zero weight, times 1/N (paper: 0.1)
+    lam: float = 0.5  # penalty per expected non-zero weight, times 1/N (paper: 0.1)
     epochs: int = 40
     init_droprate: float = 0.5  # initial log_alpha = log(1 - p) - log(p)
     temperature: float = BETA  # beta of the hard concrete distribution
@@ -264,9 +286,9 @@ VARIANTS = ("supervised", "unsupervised")
 class SensitivityConfig:
     """Hyperparameters of ``sensitivity`` (section ``[methods.sensitivity]``)."""
 
-    lam: float = 1e-3  # decay per step of a fully insensitive weight
+    lam: float = 1e-2  # decay per step of a fully insensitive weight (at the initial lr)
     epochs: int = 30
-    threshold: float = 1e-3  # after training, |w| < threshold is pruned
+    threshold: float = 0.02  # after training, |w| < threshold is pruned
     final_epochs: int = 10  # masked retraining after thresholding (0 = none)
     variant: str = "supervised"  # supervised: S = |dy_c/dw|; unsupervised: mean_k |dy_k/dw|
     sgd_lr: float = 0.1  # SGD (momentum train.momentum) learning rate; 0 = the [train] optimizer
