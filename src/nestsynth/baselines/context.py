@@ -1,7 +1,16 @@
-"""What a method sees: data, the reference architecture, training and logging helpers."""
+"""What a method sees: data, the reference architecture, training and logging helpers.
+
+The reference is an MLP (widths, activations, batch norm) or a CNN
+(:class:`~nestsynth.registry.CNNSpec`, passed as ``spec``): :meth:`MethodContext.dense_model`
+then builds ``spec.build(generator)``, a :class:`~nestsynth.sparse.SparseCNN` whose
+``layers`` are MaskedConv2d layers followed by MaskedLinear ones.  A method that only
+handles MLPs marks its run function with :func:`mlp_only`; the runner then refuses a
+CNN reference with one sentence before anything is written or trained.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -10,8 +19,54 @@ import torch
 
 from ..config import Config
 from ..data import DataBundle, random_affine
-from ..sparse import SparseMLP
+from ..errors import NestError
+from ..sparse import SparseCNN, SparseMLP
 from ..training import cosine_lr, evaluate, make_optimizer, train_epoch
+
+
+def mlp_only(reason: str) -> Callable:
+    """Mark a method's run function as supporting MLP references only.
+
+    The wrapped function raises :class:`NestError` ("method X supports MLP references
+    only; REASON.") when its context holds a CNN reference, before any work; the runner
+    checks the same mark (:func:`check_supported`) before it creates the run directory.
+
+    Args:
+        reason: why, completing the sentence (e.g. "its sensitivity factorises for
+            linear layers only").
+
+    Example:
+        >>> @register_method("lobs", LobsConfig, "...")
+        ... @mlp_only("layer-wise OBS is implemented for linear layers")
+        ... def run_lobs(ctx, mcfg): ...
+    """
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(ctx, mcfg):
+            if ctx.spec is not None:
+                raise NestError(unsupported_message(ctx.cfg.method, reason))
+            return fn(ctx, mcfg)
+
+        run.mlp_only = reason
+        return run
+
+    return wrap
+
+
+def unsupported_message(method: str, reason: str) -> str:
+    """The one-sentence error for an MLP-only method given a CNN reference."""
+    return f"method {method} supports MLP references only; {reason}."
+
+
+def check_supported(method, is_cnn: bool) -> None:
+    """Raise NestError when ``method`` (a registered Method) cannot run on this reference.
+
+    Raises:
+        NestError: a CNN reference for a method marked :func:`mlp_only`.
+    """
+    reason = getattr(method.run, "mlp_only", None)
+    if is_cnn and reason is not None:
+        raise NestError(unsupported_message(method.name, reason))
 
 
 class MethodContext:
@@ -20,7 +75,9 @@ class MethodContext:
     Attributes:
         cfg: the run's Config (``cfg.train`` is shared by every method).
         data: train/val/test split; decisions may use ``val`` only, never ``test``.
-        widths, activations, batch_norm: the reference architecture.
+        widths, activations, batch_norm: the reference architecture (for a CNN: units per
+            layer -- input channels, conv channels, fc neurons --, its activation, batch norm).
+        spec: the CNN reference (a ``CNNSpec``), or None for an MLP reference.
         device: where tensors live.
         generator: the run's random generator (seeded from ``cfg.seed``); every random
             choice of a method must draw from it, so runs are reproducible.
@@ -31,8 +88,10 @@ class MethodContext:
     """
 
     def __init__(self, cfg: Config, data: DataBundle, widths, activations, batch_norm: bool,
-                 device: torch.device, progress: bool = False, on_log: Callable[["MethodContext"], None] | None = None):
+                 device: torch.device, progress: bool = False, on_log: Callable[["MethodContext"], None] | None = None,
+                 spec=None):
         self.cfg, self.data, self.device, self.progress = cfg, data, device, progress
+        self.spec = spec  # a CNNSpec for a CNN reference, None for an MLP
         self.on_log = on_log  # called after every logged row (the CLI prints it)
         self.widths, self.activations, self.batch_norm = list(widths), activations, batch_norm
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -44,8 +103,20 @@ class MethodContext:
         self._t0 = time.monotonic()
 
     # ---- models ------------------------------------------------------------
-    def dense_model(self) -> SparseMLP:
-        """A freshly initialized reference-architecture model with every mask entry 1."""
+    @property
+    def is_cnn(self) -> bool:
+        """True for a CNN reference (``dense_model`` builds a SparseCNN)."""
+        return self.spec is not None
+
+    def dense_model(self) -> SparseMLP | SparseCNN:
+        """A freshly initialized reference-architecture model with every mask entry 1.
+
+        Returns:
+            ``spec.build(generator)`` (a SparseCNN) for a CNN reference, else a SparseMLP
+            of ``widths``; its initial weights are drawn from ``generator``.
+        """
+        if self.spec is not None:
+            return self.spec.build(self.generator).to(self.device)
         return SparseMLP(self.widths, self.activations, self.batch_norm, generator=self.generator).to(self.device)
 
     def optimizer(self, model, lr_scale: float = 1.0, weight_decay: float | None = None):

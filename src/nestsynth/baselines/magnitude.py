@@ -8,6 +8,16 @@ with one of the pure rules below (``random_mask``, ``topk_mask``, ``global_topk_
 Pruning never revives: every rule returns a subset of the mask it is given.
 Sparsity counts weights only (biases are never pruned).
 
+CNN references (``SparseCNN``, e.g. ``tiny-cnn``, ``lenet-5``): every method here works
+on them unchanged.  A conv layer's weight is (out, in, k, k); its ``n_l`` is the number
+of kernel weights and every count or top-k runs over the flattened weights (row-major,
+the order of the (out, in*k*k) matrix), so "per layer" rules (random, oneshot/gradual
+scope "layer", Han's threshold, lottery rates) treat conv and linear layers alike, and
+"global" rules rank conv and linear weights together by ``|w|``.  Conv layers are hidden
+layers: Han uses the hidden ``q`` for them and lottery the hidden ``rate`` (Frankle &
+Carbin prune their Conv-2/4/6 conv layers at 10-15% per round: set ``rate`` for that).
+Area masks of partial-area convolution are not touched (baselines prune weights only).
+
 dense
     Definition followed: train the reference architecture for ``epochs``; no pruning.
     Recorded as the dense reference.
@@ -104,12 +114,12 @@ def random_mask(shape, keep: int, generator: torch.Generator) -> torch.Tensor:
     """A 0/1 mask with exactly ``keep`` ones at uniformly random positions.
 
     Args:
-        shape: (out, in) of the layer.
-        keep: number of ones (clipped to [0, out * in]).
+        shape: (out, in) of a linear layer or (out, in, k, k) of a conv layer.
+        keep: number of ones (clipped to [0, numel]).
         generator: source of the randomness.
 
     Returns:
-        (out, in) float mask.
+        Float mask of ``shape``.
     """
     n = math.prod(shape)
     mask = torch.zeros(n)
@@ -121,8 +131,8 @@ def topk_mask(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tens
     """Keep the ``keep`` live connections with the largest scores (never revives).
 
     Args:
-        scores: (out, in) importance, e.g. ``|w|``.
-        mask: (out, in) current 0/1 mask.
+        scores: importance of the layer's weights, e.g. ``|w|`` ((out, in) or (out, in, k, k)).
+        mask: the current 0/1 mask, same shape.
         keep: how many live connections survive (more than are live keeps them all).
 
     Returns:
@@ -135,7 +145,7 @@ def global_topk_masks(scores: list[torch.Tensor], masks: list[torch.Tensor], kee
     """Keep the ``keep`` live connections with the largest scores over all layers together.
 
     Args:
-        scores: one (out_l, in_l) score tensor per layer.
+        scores: one score tensor per layer (its weight shape, 2-d or 4-d).
         masks: the matching current 0/1 masks.
         keep: survivors in total (clipped to the live count).
 
@@ -166,8 +176,8 @@ def han_mask(weight: torch.Tensor, mask: torch.Tensor, quality: float, std: floa
     At least one live weight (the largest) always survives, so a layer is never cut off.
 
     Args:
-        weight: (out, in) weights.
-        mask: (out, in) current 0/1 mask.
+        weight: the layer's weights ((out, in) or (out, in, k, k)).
+        mask: the current 0/1 mask, same shape.
         quality: the quality parameter (threshold in units of ``std``).
         std: the layer's weight standard deviation (see :func:`layer_std`).
 
@@ -185,7 +195,7 @@ def han_mask(weight: torch.Tensor, mask: torch.Tensor, quality: float, std: floa
 
 
 def layer_std(weight: torch.Tensor) -> float:
-    """Standard deviation of all entries of a weight matrix (unbiased, as ``torch.std``)."""
+    """Standard deviation of all entries of a weight tensor (unbiased, as ``torch.std``)."""
     return float(weight.detach().std())
 
 

@@ -58,6 +58,9 @@ hand; the measure above is built from the paper's abstract ("sigmoidal activatio
 value of the node and all the weights of its outgoing connections", threshold from
 the layer's significances) and the seed's "normalized average value" (read as the
 pattern-averaged activation, compared with the layer's average significance).
+
+MLP references only (a CNN reference is refused with a NestError before any work): the
+significance is defined for fully connected neurons, not for feature maps.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ import torch
 
 from ..config import check
 from ..sparse import keep_units
+from .context import mlp_only
 from .registry import register_method
 
 MEASURES = ("sigmoid", "abs")
@@ -180,6 +184,7 @@ def prune_round(model, X: torch.Tensor, measure: str = "sigmoid", threshold_scal
 @register_method("n2ps", N2psConfig,
                  "N2PS (Augasta & Kathirvalavakumar 2011): remove hidden neurons whose significance "
                  "sum_k sigma(a_j w_kj) is below the layer average, retrain, repeat")
+@mlp_only("its neuron significance is defined for fully connected neurons only")
 def run_n2ps(ctx, mcfg: N2psConfig):
     """N2PS on the reference architecture; returns the pruned, retrained model."""
     model = ctx.dense_model()

@@ -69,6 +69,10 @@ normalised, activated output of the previous layer, in eval mode).  L-OBS's
 per-layer sparsity is set by a target sparsity per layer (the paper uses
 per-layer compression ratios); here one ``sparsity`` for every layer, optionally
 another for the output layer.  Ties in L are broken by position (row-major).
+
+MLP references only (a CNN reference is refused with a NestError before any work): the layer
+Hessian ``H`` above is over a linear layer's input vector; for a conv layer it would be over the
+unfolded input patches, which is not implemented.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ import torch
 
 from ..config import check
 from ..sparse import set_mask
+from .context import mlp_only
 from .registry import register_method
 
 
@@ -366,6 +371,7 @@ def prune_layer(layer, X: torch.Tensor, sparsity: float, damping: float = 1e-4,
 @register_method("lobs", LobsConfig,
                  "Layer-wise OBS (Dong et al. 2017): per layer remove min w^2/(2[H^-1]qq) with "
                  "second-order compensation, then retrain")
+@mlp_only("its layer-wise Hessian is implemented for linear layers only")
 def run_lobs(ctx, mcfg: LobsConfig):
     """L-OBS on the reference architecture; returns the pruned, retrained model."""
     model = ctx.dense_model()

@@ -23,6 +23,9 @@ Behavior of Sparse Neural Network Topologies")
     product when ``N'`` divides every width), documented in :mod:`nestsynth.seeds.radix`;
     the optimizer is ``cfg.train``'s (Adam by default) instead of the authors' TensorFlow
     setup.
+
+MLP references only (a CNN reference is refused with a NestError before any work): RadiX-Net
+topologies are masks of fully connected layers.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..config import check
 from ..errors import NestError
 from ..seeds.radix import choose_radices, radix_masks_for_widths, random_equivalent, split_radices
 from ..sparse import SparseMLP, set_mask
+from .context import mlp_only
 from .registry import register_method
 
 TOPOLOGIES = ("radix", "random")
@@ -98,6 +102,7 @@ def install(model: SparseMLP, masks, rescale: bool) -> None:
 
 @register_method("radix", RadixMethodConfig,
                  "RadiX-Net (Robinett & Kepner 2019) fixed sparse topology, trained from scratch")
+@mlp_only("RadiX-Net topologies are defined for fully connected layers only")
 def run_radix(ctx, mcfg: RadixMethodConfig) -> SparseMLP:
     """Train the reference MLP from scratch on a fixed RadiX-Net (or random-equivalent) topology."""
     model = ctx.dense_model()

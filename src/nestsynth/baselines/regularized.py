@@ -32,9 +32,14 @@ Regularization" (ICLR 2018); seed 003.
     returned model equals the deterministic gated network exactly.  The kept count
     is the number of gates with z_hat > 0, i.e. log_alpha > log(-gamma / zeta) = -2.40.
 
-    Deviations: gates are per weight (unstructured), not per input neuron as in
-    the paper's MLP experiments, because every method here is compared by its
-    weight count; the gates of the input layer start at the same drop rate as the
+    CNN references: every kernel weight of a conv layer gets its own gate (the gates
+    have the (out, in, k, k) kernel shape) and the gated conv layer is computed as
+    ``conv2d(x, W * M * z) + b`` (times the area mask, as MaskedConv2d); everything else
+    (penalty, folding) is the same per weight.
+
+    Deviations: gates are per weight (unstructured), not per input neuron (or, for
+    conv layers, per feature map) as in the paper's experiments, because every method
+    here is compared by its weight count; the gates of the input layer start at the same drop rate as the
     others (the paper's MLP used 0.2 there, 0.5 elsewhere).  The optimizer is the
     run's ``[train]`` optimizer and schedule (Adam, cosine), with log_alpha in an
     extra parameter group without weight decay.  ``gate_lr_scale`` gives log_alpha
@@ -75,6 +80,10 @@ Neural Networks via Sensitivity-Driven Regularization" (NeurIPS 2018); seed 003.
     ``|w| < threshold`` are pruned (mask 0, weight 0); ``final_epochs`` of masked
     retraining follow.  The kept count is whatever the threshold leaves.
 
+    MLP references only: a conv weight's ``dy_k(x_n)/dw`` sums ``delta * x`` over the
+    output positions, so ``|.|`` does not factorise and S would need per-example
+    gradients; a CNN reference is refused with a NestError before any work.
+
     Deviations: (1) the harness's ``after_step`` sees no batch, so S is estimated on
     a separate random minibatch of ``train.batch_size`` training examples each step,
     and at the weights after the gradient step (a split step: gradient, then decay;
@@ -114,7 +123,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import check
-from ..sparse import SparseMLP, set_mask
+from ..sparse import MaskedConv2d, SparseCNN, SparseMLP, set_mask
+from .context import mlp_only
 from .registry import register_method
 
 # Hard concrete stretch interval (gamma, zeta) and default temperature (Louizos et al., 2018).
@@ -170,8 +180,25 @@ def deterministic_gate(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 
+def gated_layer(layer, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s pre-normalisation output computed with ``weight`` instead of ``W * M``.
+
+    Args:
+        layer: a MaskedLinear or MaskedConv2d (its bias, stride, padding and area mask are used).
+        weight: (out, in) or (out, in, k, k) weights, e.g. ``W * M * z``.
+        x: (B, in) or (B, in, H, W) input.
+
+    Returns:
+        (B, out) or (B, out, H', W'): as ``layer(x)`` with the given weights.
+    """
+    if isinstance(layer, MaskedConv2d):
+        u = F.conv2d(x, weight, None, layer.stride, layer.padding) + layer.bias.view(1, -1, 1, 1)
+        return u * layer.area if not bool(layer.area.all()) else u
+    return F.linear(x, weight, layer.bias)
+
+
 class L0Gates(nn.Module):
-    """A SparseMLP computed with hard-concrete-gated weights ``W * M * z``.
+    """A SparseMLP or SparseCNN computed with hard-concrete-gated weights ``W * M * z``.
 
     ``log_alpha`` of layer i is ``scale * theta[i]`` (see the module docstring for
     why a scale).  In train mode each forward draws fresh gates; in eval mode it
@@ -195,7 +222,7 @@ class L0Gates(nn.Module):
         return self.theta[i] * self.scale
 
     def gate(self, i: int) -> torch.Tensor:
-        """Layer i's gates (out, in): a fresh sample in train mode, ``z_hat`` in eval mode."""
+        """Layer i's gates (its weight shape): a fresh sample in train mode, ``z_hat`` in eval mode."""
         la = self.log_alpha(i)
         if not self.training:
             return deterministic_gate(la)
@@ -204,9 +231,9 @@ class L0Gates(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, *input_shape) -> (B, classes)
         m = self.model
-        x = x.flatten(1)
+        x = x.reshape(len(x), *m.input_shape) if isinstance(m, SparseCNN) else x.flatten(1)
         for i, layer in enumerate(m.layers):
-            u = F.linear(x, layer.weight * layer.mask * self.gate(i), layer.bias)
+            u = gated_layer(layer, layer.weight * layer.mask * self.gate(i), x)
             x = m.hidden_post(i, u) if i < m.n_hidden else u
         return x
 
@@ -384,6 +411,7 @@ def _sensitivity_optimizer(ctx, model, mcfg: SensitivityConfig):
 
 @register_method("sensitivity", SensitivityConfig,
                  "sensitivity-driven regularization, then thresholding (Tartaglione et al., 2018)")
+@mlp_only("its exact sensitivity |dy/dw| = |delta| |x| factorises for linear layers only")
 def run_sensitivity(ctx, mcfg: SensitivityConfig) -> SparseMLP:
     """Train with the insensitivity decay after every step, threshold, retrain.
 

@@ -13,16 +13,22 @@ from ..config import Config
 from ..data import DataBundle
 from ..errors import NestError
 from ..metrics import activation_density, layer_table
-from ..registry import ModelSpec
-from ..sparse import SparseMLP
+from ..registry import CNNSpec, ModelSpec
+from ..sparse import SparseCNN, SparseMLP
 from ..training import evaluate
-from .context import MethodContext
+from .context import MethodContext, check_supported
 from .registry import NEST, get_method
 
 
-def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | SparseMLP, out: Path | None, *,
-               resume: bool = False, progress: bool = False, on_iteration=None) -> tuple[SparseMLP, dict]:
+def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | CNNSpec | SparseMLP, out: Path | None, *,
+               resume: bool = False, progress: bool = False,
+               on_iteration=None) -> tuple[SparseMLP | SparseCNN, dict]:
     """Run ``cfg.method`` on ``data`` for the reference architecture.
+
+    ``reference`` is an MLP spec, a user's dense SparseMLP, or a ``CNNSpec`` fitted to
+    the data (see :func:`nestsynth.api.resolve_reference`); for a CNN the baseline's
+    ``ctx.dense_model()`` is ``spec.build(ctx.generator)`` and the report's dense
+    reference is the spec's weights and FLOPs.
 
     NeST runs through :mod:`nestsynth.synthesis` (checkpointed per iteration).  A
     baseline runs start to finish (minutes); ``resume`` on an unfinished baseline run
@@ -33,18 +39,22 @@ def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | SparseMLP, 
         (final model, report) -- the report has the layout of NeST's report.json.
 
     Raises:
-        NestError: unknown method, a directory that holds another run, bad config values.
+        NestError: unknown method, a directory that holds another run, bad config values,
+            a CNN reference for a method that supports MLPs only (raised before ``out`` is
+            created).
     """
     if cfg.method == NEST:
         from ..api import run_synthesis
         return run_synthesis(cfg, data, reference, out, resume=resume, progress=progress,
                              on_iteration=on_iteration)
     method = get_method(cfg.method)
+    spec = reference if isinstance(reference, CNNSpec) else None
+    check_supported(method, spec is not None)
     if out is not None:
         _prepare(out, cfg, resume)
     widths, acts, bn, model_name = _reference_shape(reference)
     device = _device(cfg.device)
-    ctx = MethodContext(cfg, data, widths, acts, bn, device, progress, on_log=on_iteration)
+    ctx = MethodContext(cfg, data, widths, acts, bn, device, progress, on_log=on_iteration, spec=spec)
     t0 = time.monotonic()
     model = method.run(ctx, getattr(cfg.methods, cfg.method))
     model.zero_dormant()
@@ -56,8 +66,12 @@ def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | SparseMLP, 
     return model, report
 
 
-def method_report(ctx: MethodContext, model: SparseMLP, model_name: str, wall: float) -> dict:
-    """report.json of a finished baseline run (see :func:`nestsynth.report.summary.core_report`)."""
+def method_report(ctx: MethodContext, model: SparseMLP | SparseCNN, model_name: str, wall: float) -> dict:
+    """report.json of a finished baseline run (see :func:`nestsynth.report.summary.core_report`).
+
+    The dense reference (weights, FLOPs) is ``ctx.spec``'s for a CNN, the MLP of
+    ``ctx.widths`` otherwise.
+    """
     from ..report.summary import core_report
 
     test = ctx.data.test
@@ -67,7 +81,8 @@ def method_report(ctx: MethodContext, model: SparseMLP, model_name: str, wall: f
     report = core_report(cfg=ctx.cfg, method=ctx.cfg.method, model_name=model_name, dataset=ctx.data.name,
                          rows=layer_table(model, act), test_error=test_error, val_error=ctx.val_error(model),
                          ref_widths=ctx.widths, final_widths=model.widths, device=str(ctx.device),
-                         input_shape=ctx.data.input_shape, dense=ctx.dense, epochs=ctx.epochs, wall=wall)
+                         input_shape=ctx.data.input_shape, dense=ctx.dense, epochs=ctx.epochs, wall=wall,
+                         reference=ctx.spec)
     report["method_config"] = json.loads(json.dumps(ctx.cfg.to_dict()["methods"][ctx.cfg.method]))
     return report
 

@@ -52,6 +52,11 @@ original code) and its batch-norm running statistics are restored afterwards.
 After the mask is installed the network trains ``epochs`` epochs with ``cfg.train``;
 masked weights stay exactly zero (their gradient is zero through ``W * M``).
 
+CNN references (``SparseCNN``): the scores are autograd quantities of any layer, so
+conv kernels (out, in, k, k) are scored like linear weights and the global top-k runs
+over all flattened weights of all layers together (``kept = round(total * (1 - s))``
+with ``total`` counting conv and linear weights).
+
 Deviations: the initialization is the harness's (PyTorch's default uniform, from
 ``ctx.generator``), not the variance-scaling init of the SNIP paper, so every method
 starts from the same network.  The scoring batch is a uniform random sample of
@@ -161,15 +166,15 @@ def mean_gradient(model, X: torch.Tensor, y: torch.Tensor, temperature: float = 
     """Gradient of the mean loss over (X, y) with respect to every weight matrix.
 
     Args:
-        model: a SparseMLP.
-        X: (N, in) inputs; y: (N,) class labels.
+        model: a SparseMLP or SparseCNN.
+        X: (N, *input_shape) inputs; y: (N,) class labels.
         temperature: logits are divided by it.
         chunk: minibatch size of the passes (<= 0: one pass); the result is the
             weighted mean of the minibatch gradients, i.e. the full-batch gradient
             (exactly so without batch norm).
 
     Returns:
-        One detached (out, in) tensor per layer.
+        One detached tensor per layer, of its weight shape.
     """
     weights = _weights(model)
     g = [torch.zeros_like(w) for w in weights]
@@ -189,13 +194,13 @@ def hessian_gradient(model, X: torch.Tensor, y: torch.Tensor, temperature: float
     the weighted mean of the ``H_c g``.
 
     Args:
-        model: a SparseMLP.
-        X: (N, in) inputs; y: (N,) class labels.
+        model: a SparseMLP or SparseCNN.
+        X: (N, *input_shape) inputs; y: (N,) class labels.
         temperature: logits are divided by it (GraSP uses T = 200).
         chunk: minibatch size of the passes (<= 0: one pass).
 
     Returns:
-        (g, Hg): two lists with one detached (out, in) tensor per layer.
+        (g, Hg): two lists with one detached tensor per layer (its weight shape).
     """
     weights = _weights(model)
     g = mean_gradient(model, X, y, temperature, chunk)
@@ -223,12 +228,12 @@ def snip_scores(model, X: torch.Tensor, y: torch.Tensor, chunk: int = 0) -> list
     normalised to sum 1 over all layers.  Dormant weights (mask 0) score 0.
 
     Args:
-        model: a SparseMLP (not modified).
-        X: (N, in) inputs; y: (N,) labels.
+        model: a SparseMLP or SparseCNN (not modified).
+        X: (N, *input_shape) inputs; y: (N,) labels.
         chunk: minibatch size of the gradient passes (<= 0: one pass).
 
     Returns:
-        One (out, in) tensor per layer; larger means more important.
+        One tensor per layer (its weight shape); larger means more important.
     """
     g = mean_gradient(model, X, y, 1.0, chunk)
     raw = [(layer.weight.detach() * layer.mask * gi).abs() for layer, gi in zip(model.layers, g)]
@@ -244,13 +249,13 @@ def grasp_scores(model, X: torch.Tensor, y: torch.Tensor, temperature: float = 2
     with ``largest=False``).  Dormant weights score 0.
 
     Args:
-        model: a SparseMLP (not modified).
-        X: (N, in) inputs; y: (N,) labels.
+        model: a SparseMLP or SparseCNN (not modified).
+        X: (N, *input_shape) inputs; y: (N,) labels.
         temperature: logits are divided by it for g and Hg.
         chunk: minibatch size of the passes (<= 0: one pass).
 
     Returns:
-        One (out, in) tensor per layer.
+        One tensor per layer (its weight shape).
     """
     _, hg = hessian_gradient(model, X, y, temperature, chunk)
     raw = [-(layer.weight.detach() * layer.mask) * h for layer, h in zip(model.layers, hg)]
@@ -266,7 +271,7 @@ def keep_top(scores_list: list[torch.Tensor], masks_list: list[torch.Tensor], n_
     (layer order, then row-major), the earlier weight first; NaN scores rank last.
 
     Args:
-        scores_list: one (out, in) score tensor per layer.
+        scores_list: one score tensor per layer (its weight shape).
         masks_list: the current 0/1 masks, same shapes.
         n_keep: how many weights to keep (clipped to [0, live count]).
         largest: keep the largest scores (SNIP); ``False`` keeps the smallest (GraSP).
@@ -299,7 +304,7 @@ def _prune_at_init(ctx, mcfg, score: Callable, largest: bool, **log_extra):
     """Score a fresh network, keep the global top weights, train with the mask fixed.
 
     Args:
-        score: ``score(model, X, y, chunk) -> list of (out, in) tensors``.
+        score: ``score(model, X, y, chunk) -> list of per-layer tensors``.
         largest: keep the largest scores (else the smallest).
     """
     model = ctx.dense_model()

@@ -11,6 +11,14 @@ augmentation if the run used it.
 The retrained centroids are kept only if the validation error does not rise over
 the error of the freshly shared model (decisions use validation data only; the
 test error is reported, never used).  The model is evaluated on the CPU.
+
+CNN runs (a SparseCNN model.pt) go through the same stages: every conv kernel is
+shared and stored as the (out, in*k*k) matrix of its flattened kernels (see
+:mod:`.storage`).  ``conv_bits`` / ``conv_index_bits`` give the conv layers their own
+cluster and gap widths (Deep Compression: 8 and 8 for conv, 5 and 5 for fc); by default
+every layer uses ``bits`` / ``index_bits``.  The dense reference's bytes are 32 bits per
+weight and bias of the run's dense reference (``report.json``'s ``dense_reference``:
+its weights, plus one bias per unit of every layer).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from .. import config as config_mod
 from ..data import load_dataset, random_affine
 from ..errors import NestError
 from ..report.summary import load_run_model, save_model
+from ..sparse import SparseCNN
 from ..training import evaluate
 from .sharing import SharedLayer, apply_sharing, finetune_centroids, share_weights
 from .storage import storage_report
@@ -39,8 +48,12 @@ def _errors(model, data, batch_size: int) -> dict:
             for name, part in (("test", data.test), ("val", data.val))}
 
 
-def _check_args(run: Path, bits: int, index_bits: int, finetune_epochs: int, lr_scale: float) -> None:
-    for key, value in (("bits", bits), ("index_bits", index_bits)):
+def _check_args(run: Path, bits: int, index_bits: int, finetune_epochs: int, lr_scale: float,
+                conv_bits: int | None = None, conv_index_bits: int | None = None) -> None:
+    for key, value in (("bits", bits), ("index_bits", index_bits), ("conv_bits", conv_bits),
+                       ("conv_index_bits", conv_index_bits)):
+        if value is None and key.startswith("conv_"):
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
             raise NestError(f"{key} = {value!r} is out of range; it must be an integer from 1 to 16.")
     if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
@@ -76,7 +89,8 @@ def _augment(cfg, data, generator):
 
 
 def compress_run(run_dir: str | Path, bits: int = 5, index_bits: int = 5, finetune_epochs: int = 1,
-                 data_dir: str | None = None, *, lr_scale: float = 1.0) -> dict:
+                 data_dir: str | None = None, *, lr_scale: float = 1.0, conv_bits: int | None = None,
+                 conv_index_bits: int | None = None) -> dict:
     """Weight sharing, centroid retraining and Huffman storage of a finished run.
 
     Args:
@@ -86,6 +100,8 @@ def compress_run(run_dir: str | Path, bits: int = 5, index_bits: int = 5, finetu
         finetune_epochs: epochs of centroid retraining on the training split.
         data_dir: where the data lives (None: the run's ``data.data_dir`` or the default).
         lr_scale: centroid learning rate relative to the run's ``train.lr``.
+        conv_bits, conv_index_bits: the conv layers' ``bits`` / ``index_bits`` (None: the
+            same as the other layers); recorded in the result for CNN models.
 
     Returns:
         The content written to ``RUN_DIR/compression.json``.
@@ -94,18 +110,18 @@ def compress_run(run_dir: str | Path, bits: int = 5, index_bits: int = 5, finetu
         NestError: a missing or unfinished run directory, or an argument out of range.
     """
     run = Path(run_dir)
-    _check_args(run, bits, index_bits, finetune_epochs, lr_scale)
+    _check_args(run, bits, index_bits, finetune_epochs, lr_scale, conv_bits, conv_index_bits)
     cfg, model, report = _load(run)
     data = load_dataset(cfg.data.dataset, data_dir or cfg.data.data_dir or None,
                         val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
     eb = cfg.train.eval_batch_size
     before = _errors(model, data, eb)
-    shared = share_weights(model, bits)
+    shared = share_weights(model, bits, conv_bits=conv_bits)
     apply_sharing(model, shared)
     after_share = _errors(model, data, eb)
     kept = _finetune(model, shared, cfg, data, finetune_epochs, lr_scale, after_share)
     after = _errors(model, data, eb) if kept else after_share
-    storage = storage_report(model, shared, index_bits)
+    storage = storage_report(model, shared, index_bits, conv_index_bits)
     result = {
         "run": str(run), "bits": bits, "index_bits": index_bits, "clusters_max": 2 ** bits,
         "finetune": {"epochs": finetune_epochs, "lr": cfg.train.lr * lr_scale, "kept": kept},
@@ -115,6 +131,8 @@ def compress_run(run_dir: str | Path, bits: int = 5, index_bits: int = 5, finetu
         "bytes": storage["bytes"], "ratio": storage["ratio"],
         "reference": _reference(report, storage["bytes"]), "layers": storage["layers"],
     }
+    if isinstance(model, SparseCNN):
+        result.update(conv_bits=conv_bits or bits, conv_index_bits=conv_index_bits or index_bits)
     save_model(model, run / SHARED_MODEL_FILE, report.get("model", cfg.model),
                report.get("input_shape") or list(data.input_shape))
     ckpt.atomic_write_text(run / COMPRESSION_FILE, json.dumps(result, indent=2) + "\n")
@@ -123,11 +141,21 @@ def compress_run(run_dir: str | Path, bits: int = 5, index_bits: int = 5, finetu
 
 def _reference(report: dict, forms: dict) -> dict | None:
     """The dense reference (weights + biases at 32 bits) and each form's ratio to it; the
-    paper's compression rates (e.g. 40x for LeNet-300-100) divide this by the final size."""
-    widths = (report.get("dense_reference") or {}).get("widths")
+    paper's compression rates (e.g. 40x for LeNet-300-100) divide this by the final size.
+
+    The weights are ``dense_reference.weights`` of the report when present (a CNN's
+    reference: its spec's conv kernels and fc matrices), else those of the MLP of its
+    widths; the biases are one per unit of every layer (``sum(widths[1:])``, units =
+    conv channels and fc neurons).
+    """
+    ref = report.get("dense_reference") or {}
+    widths = ref.get("widths")
     if not widths:
         return None
-    dense = 4 * sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    weights = ref.get("weights")
+    if weights is None:
+        weights = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    dense = 4 * (int(weights) + sum(widths[1:]))
     return {"widths": list(widths), "bytes": dense,
             "ratio": {f: dense / b if b else None for f, b in forms.items()}}
 

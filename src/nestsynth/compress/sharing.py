@@ -16,6 +16,10 @@ Definition followed (Han, Mao, Dally, "Deep Compression", ICLR 2016, §3):
 * Layers with at most ``k`` distinct active values: the centroids are exactly those
   distinct values (sharing is lossless); a layer without active weights gets an
   empty codebook.
+* Conv layers (SparseCNN): a kernel (out, in, k, k) is shared as the (out, in*k*k)
+  matrix of its flattened kernels (row-major positions are the same), one codebook
+  per layer as for linear layers.  Deep Compression uses 8 bits for conv layers and
+  5 for fc layers (§3.1); ``conv_bits`` sets the conv layers' bits (default ``bits``).
 * Fine-tuning (§3.3): the weight matrix is always ``W_ij = C[I_ij]``; the gradient
   of a centroid is the sum of the gradients of the weights of its cluster,
   ``dL/dC_k = sum_ij dL/dW_ij 1(I_ij = k)``, obtained here by autograd through the
@@ -38,7 +42,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..sparse import SparseMLP
+from ..sparse import MaskedConv2d, SparseCNN, SparseMLP
 from ..training import cosine_lr, train_epoch
 
 
@@ -50,24 +54,30 @@ class SharedLayer:
         centroids: (k,) float32 codebook, ascending, ``k <= 2**bits``.
         index: (n,) int64 cluster of each active weight, in the order of ``positions``.
         positions: (n,) int64 row-major flat positions of the active weights in the
-            (out, in) weight matrix, ascending.
-        shape: (out, in) of the weight matrix.
+            weight tensor, ascending (for a conv kernel (out, in, k, k) these are also the
+            positions in its (out, in*k*k) matrix, see :attr:`matrix_shape`).
+        shape: the weight's shape, (out, in) or (out, in, k, k).
     """
 
     centroids: torch.Tensor
     index: torch.Tensor
     positions: torch.Tensor
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(out, in) of a linear layer, (out, in*k*k) of a conv layer: the matrix stored."""
+        return self.shape[0], math.prod(self.shape[1:])
 
     def weight(self, centroids: torch.Tensor | None = None) -> torch.Tensor:
-        """The (out, in) weight matrix ``C[I]`` at the active positions, zero elsewhere.
+        """The weight tensor ``C[I]`` (of :attr:`shape`) at the active positions, zero elsewhere.
 
         Args:
             centroids: (k,) codebook to use instead of ``self.centroids`` (gradients
                 flow back to it: the backward of the gather sums each cluster's gradients).
         """
         c = self.centroids if centroids is None else centroids
-        w = torch.zeros(self.shape[0] * self.shape[1], dtype=c.dtype, device=c.device)
+        w = torch.zeros(math.prod(self.shape), dtype=c.dtype, device=c.device)
         w = w.index_put((self.positions.to(c.device),), c[self.index.to(c.device)])
         return w.view(self.shape)
 
@@ -120,28 +130,31 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 300) -> tuple[torch.
     return c[used], torch.searchsorted(used, idx), it
 
 
-def share_weights(model: SparseMLP, bits: int = 5, max_iter: int = 300) -> list[SharedLayer]:
+def share_weights(model: SparseMLP | SparseCNN, bits: int = 5, max_iter: int = 300,
+                  conv_bits: int | None = None) -> list[SharedLayer]:
     """k-means weight sharing of every layer's active weights with ``2**bits`` clusters.
 
     Args:
         model: the sparse model (not modified; see :func:`apply_sharing`).
         bits: bits per weight index; ``2**bits`` clusters per layer.
         max_iter: cap on the Lloyd iterations per layer.
+        conv_bits: bits of the conv layers (None: ``bits``; Deep Compression uses 8).
 
     Returns:
-        One :class:`SharedLayer` per linear layer.
+        One :class:`SharedLayer` per weight layer (linear or conv).
     """
     shared = []
     for layer in model.layers:
-        w = (layer.weight.detach() * layer.mask).cpu()
+        b = conv_bits if (conv_bits is not None and isinstance(layer, MaskedConv2d)) else bits
+        w = (layer.weight.detach() * layer.mask).cpu()  # (out, in) or (out, in, k, k)
         positions = torch.nonzero(w.flatten() != 0).flatten()  # row-major, ascending
-        centroids, index, _ = kmeans_1d(w.flatten()[positions], 2 ** bits, max_iter)
+        centroids, index, _ = kmeans_1d(w.flatten()[positions], 2 ** b, max_iter)
         shared.append(SharedLayer(centroids.float(), index, positions, tuple(w.shape)))
     return shared
 
 
 @torch.no_grad()
-def apply_sharing(model: SparseMLP, shared: list[SharedLayer]) -> None:
+def apply_sharing(model: SparseMLP | SparseCNN, shared: list[SharedLayer]) -> None:
     """Write ``C[I]`` into every layer's weight (zero off the active positions); masks unchanged."""
     for layer, s in zip(model.layers, shared):
         layer.weight.copy_(s.weight().to(layer.weight))
@@ -154,11 +167,11 @@ class CentroidModel(nn.Module):
     parameters are passed detached, so a backward pass reaches only the centroids.
 
     Args:
-        model: the SparseMLP (kept as a plain reference, not a submodule).
+        model: the SparseMLP or SparseCNN (kept as a plain reference, not a submodule).
         shared: its shared form (indices and positions are fixed).
     """
 
-    def __init__(self, model: SparseMLP, shared: list[SharedLayer]):
+    def __init__(self, model: SparseMLP | SparseCNN, shared: list[SharedLayer]):
         super().__init__()
         dev = model.layers[0].weight.device
         self.centroids = nn.ParameterList(nn.Parameter(s.centroids.clone().to(dev)) for s in shared)
@@ -177,7 +190,7 @@ class CentroidModel(nn.Module):
         return functional_call(self.frozen[0], self.weights(), (x,))
 
 
-def finetune_centroids(model: SparseMLP, shared: list[SharedLayer], X: torch.Tensor, y: torch.Tensor,
+def finetune_centroids(model: SparseMLP | SparseCNN, shared: list[SharedLayer], X: torch.Tensor, y: torch.Tensor,
                        epochs: int, lr: float, batch_size: int, generator: torch.Generator,
                        augment: Callable | None = None, min_lr_scale: float | None = None) -> float | None:
     """Train only the shared centroids (Deep Compression §3.3), then write ``C[I]`` into the model.

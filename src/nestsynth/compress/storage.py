@@ -1,12 +1,22 @@
-"""Storage size of a SparseMLP in the forms of Deep Compression (Han, Mao, Dally 2016).
+"""Storage size of a SparseMLP or SparseCNN in the forms of Deep Compression (Han, Mao, Dally 2016).
 
-Every form counts, per linear layer, the weights in its own way plus the same
+Every form counts, per weight layer, the weights in its own way plus the same
 per-unit vectors at 32 bits: the bias (``out`` floats) and, for a hidden layer
 followed by batch norm, the folded per-unit scale (``out`` floats; inference computes
-``scale * (W x) + folded bias``, so sharing applies to ``W`` unchanged).  A layer's
-bits are rounded up to whole bytes; the model's bytes are the sum over layers.
+``scale * (W x) + folded bias``, so sharing applies to ``W`` unchanged).  A conv layer
+whose partial-area mask (NeST's Algorithm 2) switches off output positions also stores
+that mask, one bit per output position (``out * H_out * W_out`` bits), in every form;
+a full area needs nothing.  A layer's bits are rounded up to whole bytes; the model's
+bytes are the sum over layers.
 
-Forms (``n`` = active weights of a layer, ``(out, in)`` its shape):
+Conv layers: a kernel (out, in, k, k) is stored as the (out, in*k*k) matrix of its
+flattened kernels (row ``o`` = output channel ``o``'s kernels, column ``c*k*k + i*k + j``),
+so ``(out, in)`` below reads ``(out, in*k*k)`` and the row-major positions are those of
+the flattened weight tensor.  Deep Compression uses 8-bit relative indices for conv
+layers and 5 for fc layers (§2); ``conv_index_bits`` sets the conv layers' gap width
+(default: ``index_bits`` for every layer).
+
+Forms (``n`` = active weights of a layer, ``(out, in)`` its matrix shape):
 
 * ``dense``: 32-bit floats for all ``out * in`` weights, zeros included.
 * ``csr``: 32-bit values, one column index per value and ``out + 1`` row pointers,
@@ -38,7 +48,8 @@ import math
 
 import torch
 
-from ..sparse import SparseMLP
+from ..metrics import _layer_names
+from ..sparse import MaskedConv2d, SparseCNN, SparseMLP
 from .huffman import build_code
 from .sharing import SharedLayer
 
@@ -76,22 +87,31 @@ def relative_entries(positions: torch.Tensor, index_bits: int) -> tuple[list[int
     return gaps, filler
 
 
-def unit_vectors(model: SparseMLP, i: int) -> int:
+def unit_vectors(model: SparseMLP | SparseCNN, i: int) -> int:
     """Number of 32-bit per-unit values stored for layer i: bias, plus BN scale if any."""
     out = model.layers[i].out_features
     return out * (2 if model.norms and i < model.n_hidden else 1)
 
 
-def layer_bits(model: SparseMLP, i: int, shared: SharedLayer, index_bits: int) -> dict:
+def area_bits(model: SparseMLP | SparseCNN, i: int) -> int:
+    """Bits of layer i's partial-area mask: one per output position, 0 when the area is full."""
+    layer = model.layers[i]
+    if not isinstance(layer, MaskedConv2d) or bool(layer.area.all()):
+        return 0
+    return layer.area.numel()
+
+
+def layer_bits(model: SparseMLP | SparseCNN, i: int, shared: SharedLayer, index_bits: int) -> dict:
     """Bits of every form for layer i, with the counts they derive from.
 
     Returns:
-        dict with ``bits`` (form -> bits), ``huffman_parts`` and the counts
-        (active, fillers, clusters, index_width).
+        dict with ``bits`` (form -> bits), ``huffman_parts`` (an ``area`` part only for a
+        partial-area conv layer) and the counts (active, fillers, clusters, index_width).
     """
-    out_f, in_f = shared.shape
+    out_f, in_f = shared.matrix_shape  # conv: (out, in*k*k)
     n, k = len(shared.positions), len(shared.centroids)
-    extra = FLOAT_BITS * unit_vectors(model, i)
+    area = area_bits(model, i)
+    extra = FLOAT_BITS * unit_vectors(model, i) + area
     gaps, filler = relative_entries(shared.positions, index_bits)
     n_fill = sum(filler)
     entries = n + n_fill
@@ -103,7 +123,9 @@ def layer_bits(model: SparseMLP, i: int, shared: SharedLayer, index_bits: int) -
     codebook = FLOAT_BITS * k
     wcode, gcode = build_code(symbols), build_code(gaps)
     huff = {"weights": wcode.size_bits(symbols), "gaps": gcode.size_bits(gaps), "codebook": codebook,
-            "tables": wcode.table_bits(alphabet) + gcode.table_bits(2 ** index_bits), "biases": extra}
+            "tables": wcode.table_bits(alphabet) + gcode.table_bits(2 ** index_bits), "biases": extra - area}
+    if area:
+        huff["area"] = area
     bits = {
         "dense": FLOAT_BITS * out_f * in_f + extra,
         "csr": n * (FLOAT_BITS + width_for(in_f)) + (out_f + 1) * max(1, n.bit_length()) + extra,
@@ -115,26 +137,38 @@ def layer_bits(model: SparseMLP, i: int, shared: SharedLayer, index_bits: int) -
             "index_width": width}
 
 
-def storage_report(model: SparseMLP, shared: list[SharedLayer], index_bits: int = 5) -> dict:
+def storage_report(model: SparseMLP | SparseCNN, shared: list[SharedLayer], index_bits: int = 5,
+                   conv_index_bits: int | None = None) -> dict:
     """Bytes of every storage form, per layer and in total, and the ratios vs dense.
 
     Args:
-        model: the model (for shapes, biases and batch norm).
+        model: the model (for shapes, biases, batch norm and area masks).
         shared: its shared form (:func:`share_weights`), which fixes the active positions.
         index_bits: bits per relative index (gap); 5 for fc layers in Deep Compression.
+        conv_index_bits: bits per gap of the conv layers (None: ``index_bits``; Deep
+            Compression uses 8).
 
     Returns:
         ``{"layers": [...], "bytes": {form: total}, "ratio": {form: dense/form}}``; each
-        layer has ``bytes`` per form, the counts and the Huffman breakdown in bits.
+        layer has ``name`` (conv1.., fc1..), ``shape`` (the stored (out, in) matrix; a conv
+        layer also has ``weight_shape`` (out, in, k, k), ``index_bits`` and, if partial,
+        ``area_bits``), ``bytes`` per form, the counts and the Huffman breakdown in bits.
     """
     layers = []
-    for i, s in enumerate(shared):
-        info = layer_bits(model, i, s, index_bits)
-        layers.append({"name": f"fc{i + 1}", "shape": list(s.shape), "active": info["active"],
-                       "fillers": info["fillers"], "clusters": info["clusters"],
-                       "index_width": info["index_width"],
-                       "bytes": {f: math.ceil(b / 8) for f, b in info["bits"].items()},
-                       "huffman_bits": info["huffman_parts"]})
+    for i, (name, s) in enumerate(zip(_layer_names(model), shared)):
+        conv = isinstance(model.layers[i], MaskedConv2d)
+        gap_bits = conv_index_bits if (conv and conv_index_bits is not None) else index_bits
+        info = layer_bits(model, i, s, gap_bits)
+        row = {"name": name, "shape": list(s.matrix_shape), "active": info["active"],
+               "fillers": info["fillers"], "clusters": info["clusters"],
+               "index_width": info["index_width"],
+               "bytes": {f: math.ceil(b / 8) for f, b in info["bits"].items()},
+               "huffman_bits": info["huffman_parts"]}
+        if conv:
+            row.update(weight_shape=list(s.shape), index_bits=gap_bits)
+            if area_bits(model, i):
+                row["area_bits"] = area_bits(model, i)
+        layers.append(row)
     total = {f: sum(layer["bytes"][f] for layer in layers) for f in FORMS}
     ratio = {f: total["dense"] / total[f] if total[f] else None for f in FORMS}
     return {"index_bits": index_bits, "layers": layers, "bytes": total, "ratio": ratio}
