@@ -20,7 +20,15 @@ measurement):
 * ``grow_dense``: the same selection from full dense score matrices
   (``layer_gradients`` + ``grow_connections_global``);
 * ``prune``: a pruning-style step: effective-weight magnitudes |W*| of every layer and
-  the 1% smallest live ones per layer (``pruning.magnitude.prune_smallest``).
+  the 1% smallest live ones per layer (``pruning.magnitude.prune_smallest``);
+* ``nest_grow``: one growth action of the real synthesis loop (``Synthesis._grow``:
+  blocked global connection growth with 3% of the possible connections, bridging
+  gradients and 8 new neurons per hidden linear layer, one new feature map per conv
+  layer chosen from 4 random candidates) on the VGG-16 seed built by the loop itself
+  (``seed_net.density = 0.3``), with the random batch as its training data;
+* ``nest_prune``: one pruning action of the loop (``Synthesis._prune``: 1% of every
+  layer's connections by effective weight, partial-area convolution at 1% of every conv
+  layer's positions, feature-map and neuron statistics and removal).
 
 Peak memory: the process's peak RSS during the step minus its RSS after building the
 model and the data.  The peak is read as ``VmHWM`` after resetting it
@@ -43,7 +51,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MEASURES = ("train", "scan_only", "grow_topk_idx", "grow_topk", "grow_dense", "prune")
+MEASURES = ("train", "scan_only", "grow_topk_idx", "grow_topk", "grow_dense", "prune", "nest_grow", "nest_prune")
 
 
 def _status_kb(field: str) -> int:
@@ -81,6 +89,26 @@ def build(batch: int, density: float, seed: int = 0):
     return model, X, y
 
 
+def build_synthesis(batch: int, density: float, seed: int = 0):
+    """The synthesis loop on the VGG-16 seed with a random batch as its data."""
+    import torch
+
+    from nestsynth.config import from_dict
+    from nestsynth.data import DataBundle, Dataset
+    from nestsynth.registry import get_model
+    from nestsynth.synthesis import Synthesis
+
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, 3, 224, 224, generator=gen)
+    y = torch.randint(0, 1000, (batch,), generator=gen)
+    data = DataBundle("random", Dataset(X, y), Dataset(X, y), None, (3, 224, 224), 1000)
+    cfg = from_dict({"model": "vgg-16", "device": "cpu", "seed_net": {"density": density},
+                     "growth": {"connection_fraction": 0.03, "neurons_per_step": 8, "feature_maps_per_step": 1,
+                                "map_candidates": 4, "beta": 0.02},
+                     "pruning": {"rate": 0.01, "area_rate": 0.01}})
+    return Synthesis(cfg, data, get_model("vgg-16"), None)
+
+
 def step(name: str, model, X, y, block_rows: int) -> dict:
     """Run one measured step; returns extra facts about it."""
     import torch
@@ -90,6 +118,16 @@ def step(name: str, model, X, y, block_rows: int) -> dict:
     from nestsynth.growth.conv import dormant_topk, scan_batch, layer_gradients, top_dormant
     from nestsynth.pruning.magnitude import effective_scores, prune_smallest
 
+    if name == "nest_grow":
+        before = model.model.active_weights()
+        info = model._grow()
+        return {"grown": info, "weights_before": before, "weights_after": model.model.active_weights(),
+                "widths_after": model.model.widths}
+    if name == "nest_prune":
+        before = model.model.active_weights()
+        removed, units = model._prune()
+        return {"removed_connections": removed, "removed_units": units, "removed_area": model.area_removed,
+                "weights_before": before, "weights_after": model.model.active_weights()}
     possible = sum(layer.weight.numel() for layer in model.layers)
     k = int(round(0.01 * possible))
     if name == "train":
@@ -133,7 +171,10 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    model, X, y = build(args.batch, args.density)
+    if args.measure.startswith("nest_"):
+        model, X, y = build_synthesis(args.batch, args.density), None, None
+    else:
+        model, X, y = build(args.batch, args.density)
     base_kb = _status_kb("VmRSS")
     ru_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_peak()
@@ -172,12 +213,21 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.3)
     parser.add_argument("--block-rows", type=int, default=256)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "vgg_growth_memory.json"))
+    parser.add_argument("--only", help="comma-separated measurements to (re)run; the others are kept from --out")
     args = parser.parse_args()
     if args.measure:
         return worker(args)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    wanted = [m.strip() for m in args.only.split(",")] if args.only else list(MEASURES)
+    kept = {}
+    if args.only and Path(args.out).is_file():
+        kept = {r["measure"]: r for r in json.loads(Path(args.out).read_text())["results"]}
     results = []
     for name in MEASURES:
+        if name not in wanted:
+            if name in kept:
+                results.append(kept[name])
+            continue
         cmd = [sys.executable, __file__, "--measure", name, "--threads", str(args.threads),
                "--batch", str(args.batch), "--density", str(args.density), "--block-rows", str(args.block_rows)]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("run_dir")
     k.add_argument("--bits", type=int, default=5, help="bits per shared-weight index (default 5)")
     k.add_argument("--index-bits", type=int, default=5, help="bits per relative sparse index (default 5)")
+    k.add_argument("--conv-bits", type=int, help="bits per shared-weight index of conv layers (default: --bits; "
+                   "Deep Compression used 8)")
     k.add_argument("--finetune-epochs", type=int, default=1, help="retraining epochs of the centroids (default 1)")
     k.add_argument("--data-dir", help="folder holding the data set files")
     k.add_argument("--json", action="store_true")
@@ -183,7 +185,8 @@ def cmd_methods(args) -> int:
 
     rows = [{"name": "nest", "description": "NeST: grow from a sparse seed, then prune (sections growth, pruning)",
              "options": []}]
-    rows += [{"name": m.name, "description": m.description,
+    rows += [{"name": m.name, "description": m.description + (" [MLP only]" if getattr(m.run, "mlp_only", None)
+                                                               else ""),
               "options": [f.name for f in dataclasses.fields(m.config)]} for m in list_methods()]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -228,7 +231,7 @@ def cmd_compress(args) -> int:
     from .compress.pipeline import compress_run
 
     result = compress_run(Path(args.run_dir), bits=args.bits, index_bits=args.index_bits,
-                          finetune_epochs=args.finetune_epochs, data_dir=args.data_dir)
+                          finetune_epochs=args.finetune_epochs, data_dir=args.data_dir, conv_bits=args.conv_bits)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

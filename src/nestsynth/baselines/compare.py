@@ -42,6 +42,13 @@ def plan(base: Config, methods: list[str], seeds: list[int], out: Path) -> list[
         raise NestError(f"unknown method {bad[0]!r}; known methods: {', '.join(known)}.")
     if not methods or not seeds:
         raise NestError("compare needs at least one method and one seed.")
+    from ..registry import get_model, is_cnn
+    from .context import check_supported
+    from .registry import get_method
+    if is_cnn(get_model(base.model)):  # refuse MLP-only methods before anything runs
+        for m in methods:
+            if m != "nest":
+                check_supported(get_method(m), True)
     jobs = []
     for m in methods:
         for s in seeds:
