@@ -80,6 +80,12 @@ def test_report_counts_match_the_model(cnn_run):
     assert report["layers"][0]["flops"] == conv_flops(model.layers[0])
     assert report["dense_reference"]["flops"] == 50816 and report["dense_reference"]["weights"] == 3592
     assert report["layers"][2]["conv_pct"] is None and report["layers"][0]["kernel"] == 3
+    # the Seed / Post-Growth / Post-Pruning columns of the paper's Tables 5 and 6
+    assert sum(r["weights_seed"] for r in report["layers"]) == report["weights"]["seed"]
+    assert sum(r["weights_post_growth"] for r in report["layers"]) == report["weights"]["post_growth"]
+    from nestsynth.report import format_layer_table
+    header = format_layer_table(report).splitlines()[0].split()
+    assert header[:6] == ["Layer", "In", "Out", "Seed", "Growth", "#Weights"] and "Conv%" in header
     reloaded = json.loads((out / "report.json").read_text())
     assert reloaded["layers"] == json.loads(json.dumps(report["layers"]))
     assert (out / "plots" / "area_of_interest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -68,6 +68,13 @@ def build_report(*, cfg, model_name: str, dataset: str, state, rows: list[dict],
     growth_rows = [r for r in state.history if r["phase"] == "growth"]
     prune_rows = [r for r in state.history if r["phase"] == "pruning"]
     report["weights"].update(seed=state.weights.get("seed"), post_growth=state.weights.get("post_growth"))
+    seed_rows = [r for r in state.history if r["phase"] == "seed"]
+    per_layer = {"weights_seed": seed_rows[0].get("layer_weights") if seed_rows else None,
+                 "weights_post_growth": state.post_growth_layers or None}
+    for key, values in per_layer.items():  # the Seed / Post-Growth columns of the paper's Tables 5 and 6
+        if values and len(values) == len(report["layers"]):
+            for row, v in zip(report["layers"], values):
+                row[key] = v
     report["widths"].update(seed=state.widths.get("seed"), post_growth=state.widths.get("post_growth"))
     report["growth"] = {"target_val_error": state.target, "reached": state.reached,
                         "iterations": len(growth_rows),

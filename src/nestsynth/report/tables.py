@@ -14,15 +14,21 @@ def format_layer_table(report: dict) -> str:
     the layout of the paper's Table 4(b).
     """
     conv = any(r.get("conv_pct") is not None for r in report["layers"])
+    stages = conv and all(r.get("weights_seed") is not None and r.get("weights_post_growth") is not None
+                          for r in report["layers"])  # CNN runs: Seed and Post-Growth columns (Tables 5, 6)
     conv_head = f"{'Conv%':>7}" if conv else ""
-    lines = [f"{'Layer':<8}{'In':>7}{'Out':>6}{'#Weights':>10}{conv_head}{'Act%':>7}{'FLOPs':>9}{'FLOPs(act)':>12}"]
+    stage_head = f"{'Seed':>9}{'Growth':>9}" if stages else ""
+    lines = [f"{'Layer':<8}{'In':>7}{'Out':>6}{stage_head}{'#Weights':>10}{conv_head}{'Act%':>7}{'FLOPs':>9}"
+             f"{'FLOPs(act)':>12}"]
     for r in report["layers"]:
         act = "-" if r.get("act_pct") is None else f"{r['act_pct']:.0f}%"
         cp = ("N/A" if r.get("conv_pct") is None else f"{r['conv_pct']:.0f}%") if conv else ""
-        lines.append(f"{r['name']:<8}{r['in']:>7}{r['out']:>6}{r['weights']:>10}{cp:>{7 if conv else 0}}{act:>7}"
+        st = f"{r['weights_seed']:>9}{r['weights_post_growth']:>9}" if stages else ""
+        lines.append(f"{r['name']:<8}{r['in']:>7}{r['out']:>6}{st}{r['weights']:>10}{cp:>{7 if conv else 0}}{act:>7}"
                      f"{_k(r['flops']):>9}{_k(r['flops_act']):>12}")
     w, f = report["weights"], report["flops"]
-    lines.append(f"{'Total':<8}{'':>7}{'':>6}{w['final']:>10}{'':>{7 if conv else 0}}{'':>7}{_k(f['final']):>9}"
+    st = f"{w['seed']:>9}{w['post_growth']:>9}" if stages else ""
+    lines.append(f"{'Total':<8}{'':>7}{'':>6}{st}{w['final']:>10}{'':>{7 if conv else 0}}{'':>7}{_k(f['final']):>9}"
                  f"{_k(f['final_act']):>12}")
     ref, comp = report["dense_reference"], report["compression"]
     err = report.get("test_error")
