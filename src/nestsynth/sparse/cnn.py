@@ -21,6 +21,7 @@ from ..errors import NestError
 from .conv import MaskedConv2d, conv_out_size
 from .masked import MaskedLinear
 from .mlp import activation_spec, make_activation
+from .network import MaskedNetwork
 
 
 def _pool(spec: str | None) -> nn.Module:
@@ -55,7 +56,7 @@ def _pooled(hw: tuple[int, int], spec: str | None) -> tuple[int, int]:
     return conv_out_size(hw[0], int(k), int(s), 0), conv_out_size(hw[1], int(k), int(s), 0)
 
 
-class SparseCNN(nn.Module):
+class SparseCNN(MaskedNetwork):
     """A masked sequential CNN whose feature maps and neurons can grow and shrink.
 
     Args:
@@ -108,14 +109,6 @@ class SparseCNN(nn.Module):
         return len(self.conv_specs)
 
     @property
-    def n_hidden(self) -> int:
-        return len(self.layers) - 1
-
-    @property
-    def batch_norm(self) -> bool:
-        return len(self.norms) > 0
-
-    @property
     def flat_size(self) -> int:
         """Positions per channel entering the first linear layer (H * W after the last pool)."""
         return self.flat_hw[0] * self.flat_hw[1]
@@ -150,76 +143,8 @@ class SparseCNN(nn.Module):
         u = self.drops[h](u)
         return u.flatten(1) if h == self.n_conv - 1 else u
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> (B, classes)
-        x = x.reshape(len(x), *self.input_shape)
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < self.n_hidden:
-                x = self.hidden_post(i, x)
-        return x
-
-    def trace(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every weight layer's input and pre-normalisation output (as SparseMLP.trace).
-
-        ``inputs[i]`` is (B, C, H, W) for conv layers and (B, features) for linear ones.
-        """
-        inputs, outputs = [], []
-        x = x.reshape(len(x), *self.input_shape)
-        for i, layer in enumerate(self.layers):
-            inputs.append(x)
-            u = layer(x)
-            outputs.append(u)
-            x = self.hidden_post(i, u) if i < self.n_hidden else u
-        return inputs, outputs
-
-    def layer_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The input each following layer sees (post-activation, pooled), then the logits."""
-        inputs, outputs = self.trace(x)
-        return inputs[1:] + [outputs[-1]]
-
-    # ---- sizes and effective weights -----------------------------------------
-    def active_weights(self) -> int:
-        return sum(layer.active_weights() for layer in self.layers)
-
-    def active_per_layer(self) -> list[int]:
-        return [layer.active_weights() for layer in self.layers]
-
-    def _bn_scale(self, i: int, dtype=torch.float32, affine: bool = False) -> torch.Tensor | None:
-        if not self.norms or i >= self.n_hidden:
-            return None
-        bn = self.norms[i]
-        scale = 1.0 / torch.sqrt(bn.running_var.to(dtype) + bn.eps)
-        return scale * bn.weight.detach().to(dtype) if affine else scale
-
-    def effective_weight(self, i: int) -> torch.Tensor:
-        """W* of Eq. 9: the masked weight divided per output unit by sqrt(var + eps)."""
-        layer = self.layers[i]
-        w = layer.weight.detach() * layer.mask
-        scale = self._bn_scale(i)
-        return w if scale is None else w * scale.view(-1, *([1] * (w.dim() - 1)))
-
-    def folded_layer(self, i: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, b) of layer i for inference: mask applied, batch norm (affine) folded in."""
-        layer = self.layers[i]
-        w = (layer.weight.detach() * layer.mask).to(dtype)
-        b = layer.bias.detach().to(dtype)
-        scale = self._bn_scale(i, dtype, affine=True)
-        if scale is not None:
-            bn = self.norms[i]
-            w = w * scale.view(-1, *([1] * (w.dim() - 1)))
-            b = (b - bn.running_mean.to(dtype)) * scale + bn.bias.detach().to(dtype)
-        return w, b
-
-    def effective_bias(self, i: int) -> torch.Tensor:
-        return self.folded_layer(i)[1]
-
-    def nonzero_biases(self, i: int) -> int:
-        return int(torch.count_nonzero(self.effective_bias(i)))
-
-    def zero_dormant(self) -> None:
-        with torch.no_grad():
-            for layer in self.layers:
-                layer.weight.mul_(layer.mask)
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(x), *self.input_shape)  # (B, C, H, W)
 
 
 def cnn_from_sequential(seq: nn.Sequential, input_shape) -> SparseCNN:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import NestError
 from .masked import MaskedLinear
+from .network import MaskedNetwork
 
 _ACTIVATIONS = {
     "relu": lambda a: nn.ReLU(),
@@ -53,7 +54,7 @@ def activation_spec(module: nn.Module) -> str | None:
     return None
 
 
-class SparseMLP(nn.Module):
+class SparseMLP(MaskedNetwork):
     """A masked MLP whose widths can grow and shrink.
 
     Args:
@@ -79,16 +80,8 @@ class SparseMLP(nn.Module):
 
     # ---- structure ---------------------------------------------------------
     @property
-    def batch_norm(self) -> bool:
-        return len(self.norms) > 0
-
-    @property
     def widths(self) -> list[int]:
         return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
-
-    @property
-    def n_hidden(self) -> int:
-        return len(self.layers) - 1
 
     def arch(self) -> dict:
         """Plain-data description, enough to rebuild the module (see :meth:`from_arch`)."""
@@ -106,77 +99,8 @@ class SparseMLP(nn.Module):
             u = self.norms[h](u)
         return self.acts[h](u)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, *input_shape) -> (B, classes)
-        x = x.flatten(1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < self.n_hidden:
-                x = self.hidden_post(i, x)
-        return x
-
-    def trace(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Forward pass that returns every linear layer's input and output.
-
-        Returns:
-            (inputs, outputs): ``inputs[i]`` (B, in_i) feeds ``layers[i]``;
-            ``outputs[i]`` (B, out_i) is its pre-normalisation output u (logits last).
-        """
-        inputs, outputs = [], []
-        x = x.flatten(1)
-        for i, layer in enumerate(self.layers):
-            inputs.append(x)
-            u = layer(x)
-            outputs.append(u)
-            x = self.hidden_post(i, u) if i < self.n_hidden else u
-        return inputs, outputs
-
-    def layer_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Post-activation output of every hidden layer, then the logits."""
-        inputs, outputs = self.trace(x)
-        return inputs[1:] + [outputs[-1]]
-
-    # ---- sizes -------------------------------------------------------------
-    def active_weights(self) -> int:
-        return sum(layer.active_weights() for layer in self.layers)
-
-    def active_per_layer(self) -> list[int]:
-        return [layer.active_weights() for layer in self.layers]
-
-    def effective_weight(self, i: int) -> torch.Tensor:
-        """W* of Eq. 9: the weight divided row-wise by the BN scale sqrt(var + eps)."""
-        w = self.layers[i].weight.detach() * self.layers[i].mask
-        if self.norms and i < self.n_hidden:
-            bn = self.norms[i]
-            w = w / torch.sqrt(bn.running_var + bn.eps).unsqueeze(1)
-        return w
-
-    def folded_layer(self, i: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, b) of layer i for inference: mask applied, batch norm (affine included) folded in.
-
-        Args:
-            dtype: computation dtype (export folds in float64).
-        """
-        w = (self.layers[i].weight.detach() * self.layers[i].mask).to(dtype)
-        b = self.layers[i].bias.detach().to(dtype)
-        if self.norms and i < self.n_hidden:
-            bn = self.norms[i]
-            scale = bn.weight.detach().to(dtype) / torch.sqrt(bn.running_var.to(dtype) + bn.eps)
-            w = w * scale.unsqueeze(1)
-            b = (b - bn.running_mean.to(dtype)) * scale + bn.bias.detach().to(dtype)
-        return w, b
-
-    def effective_bias(self, i: int) -> torch.Tensor:
-        """The bias after folding BN (affine included) into layer i, for inference."""
-        return self.folded_layer(i)[1]
-
-    def nonzero_biases(self, i: int) -> int:
-        return int(torch.count_nonzero(self.effective_bias(i)))
-
-    def zero_dormant(self) -> None:
-        """Force weights at masked positions to exactly zero."""
-        with torch.no_grad():
-            for layer in self.layers:
-                layer.weight.mul_(layer.mask)
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)  # (B, *input_shape) -> (B, in)
 
 
 def from_sequential(seq: nn.Sequential) -> SparseMLP:
