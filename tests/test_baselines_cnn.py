@@ -20,7 +20,7 @@ from torch.func import functional_call
 from nestsynth import config as C
 from nestsynth.api import resolve_reference
 from nestsynth.baselines.context import MethodContext
-from nestsynth.baselines.magnitude import _train_dense, run_han, run_oneshot
+from nestsynth.baselines.magnitude import run_han, run_oneshot
 from nestsynth.baselines.registry import get_method
 from nestsynth.baselines.regularized import L0Gates, gated_layer
 from nestsynth.baselines.runner import run_method
@@ -110,7 +110,7 @@ def test_oneshot_keeps_the_largest_dense_weights(digits, tiny, scope):
     ctx, mcfg = _ctx("oneshot", digits, tiny, dense_epochs=1, finetune_epochs=0, sparsity=s, scope=scope)
     model = run_oneshot(ctx, mcfg)
     twin_ctx, _ = _ctx("oneshot", digits, tiny, dense_epochs=1)
-    dense = _train_dense(twin_ctx, 1)  # the same dense network (same seed, same draws)
+    dense = twin_ctx.train_dense(1)  # the same dense network (same seed, same draws)
     mags = [layer.weight.detach().abs() for layer in dense.layers]
     if scope == "layer":
         assert _kept(model) == [_keep(n, s) for n in LAYER_WEIGHTS]  # conv layers included
@@ -130,7 +130,7 @@ def test_han_threshold_rule_on_conv_layers(digits, tiny):
                      quality_output_scale=0.5)
     model = run_han(ctx, mcfg)
     twin_ctx, _ = _ctx("han", digits, tiny)
-    dense = _train_dense(twin_ctx, 1, mcfg.weight_decay)
+    dense = twin_ctx.train_dense(1, mcfg.weight_decay)
     qs = [0.9, 0.9, 0.9, 0.45]  # conv and hidden fc layers: q; output layer: q * 0.5
     expected = [int((layer.weight.detach().abs() >= q * layer.weight.detach().std()).sum())
                 for q, layer in zip(qs, dense.layers)]

@@ -178,6 +178,15 @@ class MethodContext:
         """Error on the validation split (the only data decisions may look at)."""
         return evaluate(model, self.Xv, self.yv, self.cfg.train.eval_batch_size)[0]
 
+    def train_dense(self, epochs: int, weight_decay: float | None = None):
+        """A fresh reference-architecture model trained ``epochs`` (recorded as the dense
+        reference and logged as phase "dense" when ``epochs`` > 0)."""
+        model = self.dense_model()
+        if epochs > 0:
+            self.train(model, epochs, self.optimizer(model, weight_decay=weight_decay))
+            self.log("dense", 0, model, val=self.record_dense(model))  # one validation pass
+        return model
+
     def record_dense(self, model) -> float:
         """Note the dense reference this method trained (reported beside the result)."""
         val = self.val_error(model)

@@ -258,16 +258,6 @@ def steps_per_epoch(ctx) -> int:
     return math.ceil(len(ctx.X) / ctx.cfg.train.batch_size)
 
 
-def _train_dense(ctx, epochs: int, weight_decay: float | None = None) -> SparseMLP:
-    """A fresh dense model trained ``epochs`` (recorded as the dense reference when > 0)."""
-    model = ctx.dense_model()
-    if epochs > 0:
-        ctx.train(model, epochs, ctx.optimizer(model, weight_decay=weight_decay))
-        ctx.record_dense(model)
-        ctx.log("dense", 0, model)
-    return model
-
-
 # ---- dense --------------------------------------------------------------------
 @dataclass
 class DenseMethodConfig:
@@ -282,7 +272,7 @@ class DenseMethodConfig:
 @register_method("dense", DenseMethodConfig, "dense reference, no pruning")
 def run_dense(ctx, mcfg: DenseMethodConfig) -> SparseMLP:
     """Train the dense reference for ``mcfg.epochs``."""
-    model = _train_dense(ctx, mcfg.epochs)
+    model = ctx.train_dense(mcfg.epochs)
     ctx.log("final", 0, model)
     return model
 
@@ -347,7 +337,7 @@ class HanMethodConfig:
 @register_method("han", HanMethodConfig, "Han et al. 2015: iterative |w| < q*std pruning + L2 retraining")
 def run_han(ctx, mcfg: HanMethodConfig) -> SparseMLP:
     """Dense training with L2, then ``iterations`` x (threshold pruning, retraining)."""
-    model = _train_dense(ctx, mcfg.dense_epochs, mcfg.weight_decay)
+    model = ctx.train_dense(mcfg.dense_epochs, mcfg.weight_decay)
     stds = [layer_std(layer.weight) for layer in model.layers]  # of the dense net, fixed
     for k in range(mcfg.iterations):
         qs = mcfg.qualities(k, len(model.layers))
@@ -392,7 +382,7 @@ def oneshot_masks(model: SparseMLP, sparsity: float, scope: str) -> list[torch.T
 @register_method("oneshot", OneShotMethodConfig, "train dense, prune once by |w| to a sparsity, fine-tune")
 def run_oneshot(ctx, mcfg: OneShotMethodConfig) -> SparseMLP:
     """Dense training, one magnitude pruning step, fine-tuning."""
-    model = _train_dense(ctx, mcfg.dense_epochs)
+    model = ctx.train_dense(mcfg.dense_epochs)
     install_masks(model, oneshot_masks(model, mcfg.sparsity, mcfg.scope))
     ctx.log("prune", 1, model)
     ctx.train(model, mcfg.finetune_epochs, lr_scale=mcfg.finetune_lr_scale)
@@ -465,7 +455,7 @@ class GradualPruner:
 @register_method("gradual", GradualMethodConfig, "Zhu & Gupta 2017: cubic gradual magnitude pruning")
 def run_gradual(ctx, mcfg: GradualMethodConfig) -> SparseMLP:
     """Train ``epochs`` while the cubic schedule prunes each layer by |w|."""
-    model = _train_dense(ctx, mcfg.dense_epochs)
+    model = ctx.train_dense(mcfg.dense_epochs)
     optimizer = ctx.optimizer(model)
     per_epoch = steps_per_epoch(ctx)
     pruner = GradualPruner(model, optimizer, mcfg.begin_epoch * per_epoch, mcfg.end_epoch * per_epoch,

@@ -187,11 +187,8 @@ def prune_round(model, X: torch.Tensor, measure: str = "sigmoid", threshold_scal
 @mlp_only("its neuron significance is defined for fully connected neurons only")
 def run_n2ps(ctx, mcfg: N2psConfig):
     """N2PS on the reference architecture; returns the pruned, retrained model."""
-    model = ctx.dense_model()
-    if mcfg.dense_epochs > 0:
-        ctx.train(model, mcfg.dense_epochs)
-    ref = ctx.record_dense(model)
-    ctx.log("dense", 0, model, val=ref)
+    model = ctx.train_dense(mcfg.dense_epochs)
+    ref = ctx.dense["val_error"] if ctx.dense else ctx.val_error(model)  # the accuracy rounds must keep
     it, val = 0, ref  # val: validation error of the current (accepted) network
     for it in range(1, mcfg.iterations + 1):
         X, _ = ctx.batch(mcfg.samples)

@@ -374,11 +374,7 @@ def prune_layer(layer, X: torch.Tensor, sparsity: float, damping: float = 1e-4,
 @mlp_only("its layer-wise Hessian is implemented for linear layers only")
 def run_lobs(ctx, mcfg: LobsConfig):
     """L-OBS on the reference architecture; returns the pruned, retrained model."""
-    model = ctx.dense_model()
-    if mcfg.dense_epochs > 0:
-        ctx.train(model, mcfg.dense_epochs)
-    ctx.record_dense(model)
-    ctx.log("dense", 0, model)
+    model = ctx.train_dense(mcfg.dense_epochs)
     X, _ = ctx.batch(mcfg.samples)
     inputs = layer_inputs(model, X)  # all Hessians from the dense model (layer independence)
     last = len(model.layers) - 1
