@@ -139,6 +139,16 @@ class CompactLinear(nn.Module):
 LAYER_TYPES: dict[str, type] = {"linear": CompactLinear}
 
 
+def model_tensors(model) -> dict[str, torch.Tensor]:
+    """Every tensor of a compact model (MLP or CNN) by name: the input gather, then each layer's."""
+    out = {}
+    if model.input_index is not None:
+        out["input_index"] = model.input_index
+    for i, layer in enumerate(model.layers):
+        out.update(layer.tensors(f"layers.{i}"))
+    return out
+
+
 class CompactMLP(nn.Module):
     """Inference-only network: optional input gather, then typed layers in sequence.
 
@@ -198,12 +208,7 @@ class CompactMLP(nn.Module):
                 "layers": [layer.spec() for layer in self.layers], "meta": self.meta}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        if self.input_index is not None:
-            out["input_index"] = self.input_index
-        for i, layer in enumerate(self.layers):
-            out.update(layer.tensors(f"layers.{i}"))
-        return out
+        return model_tensors(self)
 
     @classmethod
     def from_state(cls, arch: dict, tensors: dict[str, torch.Tensor]) -> "CompactMLP":

@@ -64,7 +64,7 @@ from ..errors import NestError
 from ..sparse.cnn import SparseCNN, _pool, _pooled
 from ..sparse.conv import conv_out_size
 from ..sparse.mlp import make_activation
-from .compact import FORMAT, GATHER_MIN_FRACTION, STORAGES, VERSION, CompactLinear
+from .compact import FORMAT, GATHER_MIN_FRACTION, STORAGES, VERSION, CompactLinear, model_tensors
 
 KIND = "cnn"
 
@@ -242,12 +242,7 @@ class CompactCNN(nn.Module):
                 "layers": [layer.spec() for layer in self.layers], "meta": self.meta}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        if self.input_index is not None:
-            out["input_index"] = self.input_index
-        for i, layer in enumerate(self.layers):
-            out.update(layer.tensors(f"layers.{i}"))
-        return out
+        return model_tensors(self)
 
     @classmethod
     def from_state(cls, arch: dict, tensors: dict[str, torch.Tensor]) -> "CompactCNN":
