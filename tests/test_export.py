@@ -313,3 +313,71 @@ def test_bench_infer_without_onnxruntime_skips_the_onnx_row(digits_run, tmp_path
                                                         "compact, all dense"]
     assert "skipped" in bench["onnx"] and Path(bench["output_file"]) == run / "export" / "inference.json"
     assert bench["variants"][2]["executed_flops"] == bench["flops"]["nonzero"]  # every layer CSR
+
+
+def _csr_mlp(widths, density, seed=0) -> CompactMLP:
+    from nestsynth.export.compact import CompactLinear
+
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        w = torch.randn(n_out, n_in, generator=g) * (torch.rand(n_out, n_in, generator=g) < density)
+        act = "relu" if i < len(widths) - 2 else None
+        layers.append(CompactLinear(w, torch.randn(n_out, generator=g), "csr", act,
+                                    {"storage": "csr", "reason": "measured"}))
+    return CompactMLP(layers).eval()
+
+
+def test_auto_falls_back_to_dense_largest_layer_first():
+    from nestsynth.export.compact import CompactLinear
+    from nestsynth.export.pipeline import dense_fallback
+
+    X = torch.rand(64, 40, generator=torch.Generator().manual_seed(1))
+    # the oracle "masked" model: exactly the compact model with only its largest layer dense
+    compact = _csr_mlp([40, 30, 20, 5], 0.3)
+    nnz = [layer.nnz for layer in compact.layers]
+    big = max(range(3), key=lambda j: nnz[j])
+    masked = _csr_mlp([40, 30, 20, 5], 0.3)
+    old = masked.layers[big]
+    masked.layers[big] = CompactLinear(old.dense_weight(), old.bias, "dense", old.activation)
+    decisions = [{"layer": j, "storage": "csr"} for j in range(3)]
+    diff, switched = dense_fallback(masked, compact, decisions, X, 1e-30, 1.0)
+    assert diff == 0.0 and switched == [f"fc{big + 1}"]
+    assert compact.storages() == ["dense" if j == big else "csr" for j in range(3)]
+    assert decisions[big]["storage"] == "dense" and decisions[big]["csr_fallback"]
+    assert "stored dense instead" in compact.layers[big].choice["reason"]
+    # against an all-dense oracle every CSR layer goes, most non-zeros first
+    compact = _csr_mlp([40, 30, 20, 5], 0.3)
+    decisions = [{"layer": j, "storage": "csr"} for j in range(3)]
+    diff, switched = dense_fallback(compact.densified(), compact, decisions, X, 1e-30, 1.0)
+    order = sorted(range(3), key=lambda j: -nnz[j])
+    assert diff == 0.0 and switched == [f"fc{j + 1}" for j in order]
+    assert compact.storages() == ["dense"] * 3
+
+
+def test_bench_infer_reports_the_deep_compression_sizes(digits_run, monkeypatch):
+    import nestsynth.export.pipeline as pipeline
+
+    run, _ = digits_run
+    assert _call(["export", run, "--format", "pytorch", "--sparse", "dense", "--check", "random"])[0] == 0
+    monkeypatch.setattr(pipeline, "_onnx_available", lambda: False)
+    args = ["bench-infer", run / "export" / "compact.pt", "--batch-sizes", "1", "--repeats", "3", "--warmup", "1"]
+    rc, out, err = _call(args + ["--json"])
+    assert rc == 0, err
+    assert json.loads(out)["deep_compression"] is None  # not compressed yet
+    (run / "model_shared.pt").write_bytes(b"x" * 1234)
+    sizes = {"dense": 5000, "csr": 900, "relative": 880, "shared": 400, "huffman": 321}
+    (run / "compression.json").write_text(json.dumps({
+        "bits": 5, "bytes": sizes, "error": {"test_after": 0.05},
+        "reference": {"ratio": {"huffman": 12.5}}}))
+    rc, out, err = _call(args + ["--json"])
+    assert rc == 0, err
+    bench = json.loads(out)
+    assert bench["deep_compression"]["bytes"] == sizes and bench["deep_compression"]["file_bytes"] == 1234
+    assert bench["file_bytes"]["model_shared.pt"] == 1234
+    assert bench["file_bytes"]["Deep Compression, Huffman-coded (5 bits, computed)"] == 321
+    rc, out, err = _call(args)
+    assert rc == 0 and "huffman 321 B" in out and "12.5x below" in out and "5.00%" in out
+    (run / "compression.json").write_text("{not json")
+    rc, out, err = _call(args)
+    assert rc != 0 and "compression.json" in _one_error_line(err)

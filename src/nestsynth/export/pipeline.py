@@ -158,6 +158,38 @@ def _sizes(paths) -> dict:
 # ---------------------------------------------------------------------------- export
 
 
+def dense_fallback(masked, compact, decisions: list[dict], X: torch.Tensor, tolerance: float,
+                   diff: float) -> tuple[float, list[str]]:
+    """``--sparse auto``: store CSR layers dense again until the export check passes.
+
+    A CSR product sums each output in another order than the dense product of the
+    masked model, so on a layer with long rows the float32 rounding alone can reach
+    the tolerance.  ``auto`` picks the fastest storage *that passes the check*: CSR
+    layers are switched back to dense, the most non-zeros (the longest sums) first,
+    until the outputs agree within ``tolerance``.  ``compact.layers`` and ``decisions``
+    (the per-layer records, indexed like the layers) are updated in place.
+
+    Returns:
+        (the new max difference, names of the layers switched to dense).
+    """
+
+    csr = sorted((j for j, layer in enumerate(compact.layers) if layer.storage == "csr"),
+                 key=lambda j: (-compact.layers[j].nnz, j))
+    switched = []
+    for j in csr:
+        layer = compact.layers[j]
+        reason = (f"{layer.choice.get('reason', 'CSR')}; stored dense instead: with CSR the outputs differed "
+                  f"from the masked model's by {diff:.3g} (tolerance {tolerance:g})")
+        choice = {**layer.choice, "storage": "dense", "reason": reason, "csr_fallback": True}
+        compact.layers[j] = CompactLinear(layer.dense_weight(), layer.bias, "dense", layer.activation, choice)
+        decisions[j].update(storage="dense", reason=reason, csr_fallback=True)
+        switched.append(decisions[j].get("name", f"fc{j + 1}"))
+        diff = max_abs_difference(masked, compact, X)
+        if diff < tolerance:
+            break
+    return diff, switched
+
+
 def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out: str | Path | None = None,
                batch_size: int = 1, dataset: str | None = None, data_dir: str | None = None,
                tolerance: float = TOLERANCE, check: str = "test", threads: int | None = None) -> dict:
@@ -209,6 +241,9 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
         result = {"artifact": None, "format": fmt, "sparse": sparse, "check_inputs": check,
                   "check_samples": int(X.shape[0]), "tolerance": tolerance, **info}
         diff = max_abs_difference(src.model, compact, X)
+        if diff >= tolerance and storage == "auto" and "csr" in compact.storages():
+            result["max_abs_diff_with_csr"] = diff
+            diff, result["csr_fallback"] = dense_fallback(src.model, compact, info["layers"], X, tolerance, diff)
         result["max_abs_diff"] = diff
         data = None
         if fmt == "onnx":
@@ -266,6 +301,9 @@ def format_export(result: dict) -> str:
                  (f", ONNX (onnxruntime) vs masked {result['max_abs_diff_onnx_vs_masked']:.3g}, vs PyTorch "
                   f"{result['max_abs_diff_onnx_vs_pytorch']:.3g}" if "max_abs_diff_onnx_vs_masked" in result
                   else "") + f" (< {result['tolerance']:g}: ok)")
+    if result.get("csr_fallback"):
+        lines.append(f"with CSR the difference was {result['max_abs_diff_with_csr']:.3g}: stored dense instead: "
+                     + ", ".join(result["csr_fallback"]))
     if "test_error_compact" in result:
         lines.append(f"test error: masked {100 * result['test_error_masked']:.2f}%, compact "
                      f"{100 * result['test_error_compact']:.2f}%")
@@ -379,6 +417,26 @@ def _onnx_available() -> bool:
         return False
 
 
+def deep_compression_sizes(run_dir: Path | None) -> dict | None:
+    """The Deep Compression stage of a run (``nestsynth compress``), when it was applied:
+    bytes of each storage form, the Huffman-coded size against the dense reference and
+    the test error after weight sharing; None when the run has no ``compression.json``."""
+    from ..compress.pipeline import COMPRESSION_FILE, SHARED_MODEL_FILE
+
+    if run_dir is None or not (Path(run_dir) / COMPRESSION_FILE).is_file():
+        return None
+    try:
+        c = json.loads((Path(run_dir) / COMPRESSION_FILE).read_text())
+        shared = Path(run_dir) / SHARED_MODEL_FILE
+        return {"bits": c["bits"], "bytes": dict(c["bytes"]),
+                "huffman_ratio_vs_dense_reference": (c.get("reference") or {}).get("ratio", {}).get("huffman"),
+                "test_error_after": c["error"]["test_after"], "file": SHARED_MODEL_FILE,
+                "file_bytes": shared.stat().st_size if shared.is_file() else None}
+    except (ValueError, KeyError, TypeError, OSError):
+        raise NestError(f"{str(Path(run_dir) / COMPRESSION_FILE)!r} is not a readable compression report; "
+                        "run `nestsynth compress` again.") from None
+
+
 def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: str | Path | None = None,
                     batch_sizes=BATCH_SIZES, repeats: int = 30, warmup: int = 10, threads: int = 1,
                     out: str | Path | None = None) -> dict:
@@ -481,13 +539,17 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
         if onnx_file is not None and onnx_file.is_file():
             files[onnx_file.name] = onnx_file.stat().st_size
         files["dense reference (fp32 weights+biases, computed)"] = ref_bytes
+        deep = deep_compression_sizes(src.run_dir)
+        if deep is not None:
+            files[deep["file"]] = deep["file_bytes"]
+            files[f"Deep Compression, Huffman-coded ({deep['bits']} bits, computed)"] = deep["bytes"]["huffman"]
         result = {"artifact": str(artifact), "run": str(run), "input_shape": list(shape),
                   "batch_sizes": list(batch_sizes), "threads": int(threads), "repeats": repeats,
                   "warmup": warmup,
                   "flops": {"dense_reference": ref_flops, "nonzero": nnz_flops,
                             "nonzero_ratio": ref_flops / max(nnz_flops, 1)},
                   "storage": [layer.spec() for layer in compact.layers],
-                  "onnx": onnx_note, "variants": rows, "file_bytes": files,
+                  "onnx": onnx_note, "variants": rows, "file_bytes": files, "deep_compression": deep,
                   "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                   "machine": platform.machine(), "processor": platform.processor()}}
         if _onnx_available():
@@ -516,6 +578,14 @@ def format_inference_table(result: dict) -> str:
                  f"{result['threads']} thread(s), {result['repeats']} repeats after warm-up.")
     if result.get("onnx"):
         lines.append(f"ONNX: {result['onnx']}")
-    lines.append("file sizes: " + ", ".join(f"{k} {v:,} B" for k, v in result["file_bytes"].items()))
+    lines.append("file sizes: " + ", ".join(f"{k} {v:,} B" for k, v in result["file_bytes"].items()
+                                            if v is not None))
+    deep = result.get("deep_compression")
+    if deep:
+        ratio = deep.get("huffman_ratio_vs_dense_reference")
+        lines.append(f"Deep Compression ({deep['bits']} bits): " + ", ".join(
+            f"{k} {v:,} B" for k, v in deep["bytes"].items()) + (f"; Huffman {ratio:.1f}x below the dense "
+                                                                 f"reference" if ratio else "") +
+            f"; test error after sharing {100 * deep['test_error_after']:.2f}%")
     lines.append(f"written: {result['output_file']}")
     return "\n".join(lines)

@@ -1,13 +1,17 @@
-"""Benchmark: the compact LeNet-300-100 as an inference artifact (export, sizes, latency).
+"""Benchmark: a synthesized model as a compact inference artifact (export, sizes, latency).
 
-    python bench/infer_lenet300.py --data-dir ../shared/data/mnist
+    python bench/infer_compact.py --data-dir ../shared/data/mnist                  # LeNet-300-100
+    python bench/infer_compact.py --data-dir ../shared/data/mnist \
+        --run bench/runs/lenet5_mnist/seed0                                        # LeNet-5
 
-On the finished run bench/runs/lenet300_mnist/seed0 (see bench/lenet300_mnist.py) it runs
+On a finished run (default bench/runs/lenet300_mnist/seed0, see bench/lenet300_mnist.py
+and bench/lenet5_mnist.py) it runs
 ``nestsynth export`` (pytorch with ``--sparse auto`` timed at batch 1 and at batch 256,
 safetensors, onnx), ``nestsynth evaluate`` on every artifact and ``nestsynth bench-infer``
 on both PyTorch artifacts (latency at batch 1, 64, 256 of the dense reference, the
 masked model, the compact model and the ONNX model in onnxruntime), then writes
-bench/results/infer_lenet300.json and .md.  Runs in about a minute.
+bench/results/infer_NAME.json and .md (NAME: the run's directory, e.g. lenet300_mnist).
+Runs in about a minute (LeNet-300-100) or a few minutes (LeNet-5).
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ def cli(args: list[str], threads: int) -> dict:
     return json.loads(done.stdout)
 
 
+def layer_names(specs: list[dict]) -> list[str]:
+    convs = sum(1 for s in specs if s.get("type") == "conv2d")
+    return [f"conv{i + 1}" if s.get("type") == "conv2d" else f"fc{i - convs + 1}" for i, s in enumerate(specs)]
+
+
 def latency_table(bench: dict, title: str) -> list[str]:
     bs = bench["batch_sizes"]
     lines = [f"#### {title}", "",
@@ -43,9 +52,12 @@ def latency_table(bench: dict, title: str) -> list[str]:
                            f"{v['latency'][str(b)]['speedup']:.2f}×" for b in bs)
         lines.append(f"| {v['name']} | {v['executed_flops']:,} | {v['flop_ratio']:.1f}× | {cells} |")
     fl = bench["flops"]
+    names = layer_names(bench["storage"])
     lines += ["", f"Per-layer storage: " + ", ".join(
-        f"fc{i + 1} {s['in']}×{s['out']} {s['storage']} (density {s['choice'].get('density', 0):.3f})"
-        for i, s in enumerate(bench["storage"])) + f". Non-zero-weight FLOPs {fl['nonzero']:,} "
+        f"{n} {s['in']}×{s['out']}{'×' + 'x'.join(map(str, s['kernel'])) if 'kernel' in s else ''} {s['storage']}"
+        + (f" (density {s['choice']['density']:.3f})" if 'density' in s.get('choice', {}) else "")
+        + (" [CSR failed the 1e-5 check: dense]" if s.get('choice', {}).get('csr_fallback') else "")
+        for n, s in zip(names, bench["storage"])) + f". Non-zero-weight FLOPs {fl['nonzero']:,} "
         f"({fl['nonzero_ratio']:.1f}× below the dense {fl['dense_reference']:,}).", ""]
     return lines
 
@@ -56,9 +68,11 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for every timing (default 1)")
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--name", default="infer_lenet300")
+    ap.add_argument("--name", default=None, help="results name (default: infer_ + the run's directory)")
     args = ap.parse_args()
     run = Path(args.run)
+    args.name = args.name or f"infer_{run.resolve().parent.name}"
+    model_name = json.loads((run / "report.json").read_text())["model"]
     out = run / "export"
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     t = ["--threads", str(args.threads)]
@@ -77,7 +91,7 @@ def main() -> None:
         benches[key] = cli(["bench-infer", out / name, "--onnx", out / "compact.onnx", "--repeats", args.repeats,
                             "--out", out / f"inference_{key}.json"] + t, args.threads)
     summary = {
-        "command": " ".join(["python", "bench/infer_lenet300.py"] + sys.argv[1:]),
+        "command": " ".join(["python", "bench/infer_compact.py"] + sys.argv[1:]),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
                    f"python {platform.python_version()}",
         "run": str(run), "threads": args.threads,
@@ -88,19 +102,24 @@ def main() -> None:
     (results / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     sizes = benches["auto_b1"]["file_bytes"]
-    lines = [f"### Compact LeNet-300-100 inference — `{summary['command']}`", "",
+    masked_kind = "SparseCNN" if exports["onnx"].get("area_masks") is not None else "SparseMLP"
+    lines = [f"### Compact {model_name} inference — `{summary['command']}`", "",
              f"Run `{run.relative_to(ROOT) if run.is_relative_to(ROOT) else run}`; {summary['machine']}; "
              f"{args.threads} thread(s); median of {args.repeats} timed samples after warm-up, [IQR].", "",
              "| artifact | test error % | max \\|out − masked\\| | bytes |", "|---|---:|---:|---:|"]
-    lines.append(f"| masked model.pt (SparseMLP) | {100 * exports['onnx']['test_error_masked']:.2f} | – | "
+    lines.append(f"| masked model.pt ({masked_kind}) | {100 * exports['onnx']['test_error_masked']:.2f} | – | "
                  f"{exports['onnx']['source_model_bytes']:,} |")
     for key, e in exports.items():
         diff = e.get("max_abs_diff_onnx_vs_masked", e["max_abs_diff"])
         size = sum(e["files"].values())
         lines.append(f"| {Path(e['artifact']).name} ({key}) | {100 * evaluations[key]['test_error']:.2f} | "
                      f"{diff:.2e} | {size:,} |")
-    lines.append(f"| dense LeNet-300-100 fp32 (computed) | – | – | "
+    lines.append(f"| dense {model_name} fp32 (computed) | – | – | "
                  f"{sizes['dense reference (fp32 weights+biases, computed)']:,} |")
+    deep = benches["auto_b1"].get("deep_compression")
+    if deep:
+        lines.append(f"| Deep Compression, Huffman-coded ({deep['bits']} bits; `nestsynth compress`) | "
+                     f"{100 * deep['test_error_after']:.2f} | – | {deep['bytes']['huffman']:,} |")
     lines.append("")
     lines += latency_table(benches["auto_b1"], "compact.pt: `--sparse auto` decided at batch 1")
     lines += latency_table(benches["auto_b256"], "compact_b256.pt: `--sparse auto` decided at batch 256")
