@@ -444,3 +444,26 @@ def test_layer_rest_freezes_the_smallest_layer_and_keeps_pruning_the_others(digi
     # the phase ended because every layer but the last came to rest (or the iteration limit)
     assert len(frozen_seen) == 2 or len(rows) == 40
     assert report["weights"]["final"] == sum(accepted_weights)
+
+
+def test_backoff_halves_the_rate_after_each_rejection_then_comes_to_rest(digits):
+    cfg = small_cfg(growth={"target": "0.0", "max_iterations": 2, "epochs_per_iteration": 2},
+                    pruning={"rate": 0.4, "max_iterations": 40, "retrain_epochs": 1, "recover_epochs": 0,
+                             "tolerance": 0.0, "backoff": 2, "neurons": False})
+    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
+    model, report = syn.run()
+    rows = [r for r in syn.state.history if r["phase"] == "pruning"]
+    scale, weights = 1.0, syn.state.post_growth_layers
+    for r in rows:
+        assert r["rate_scale"] == scale
+        # every layer lost round(rate * scale * active) of the last accepted model's weights
+        expected = [w - max(0, min(max(1, round(0.4 * scale * w)), w - 1)) for w in weights]
+        assert r["layer_weights"] == expected
+        if r["accepted"]:
+            weights = r["layer_weights"]
+        else:
+            scale /= 2
+    rejected = [r for r in rows if not r["accepted"]]
+    assert len(rejected) == 3 and not rows[-1]["accepted"]  # two back-offs, then at rest
+    assert [r["rate_scale"] for r in rejected] == [1.0, 0.5, 0.25]
+    assert report["weights"]["final"] == sum(weights)

@@ -110,6 +110,7 @@ class PruningConfig:
     recover_epochs: int = 1  # extra epochs tried before pruning comes to rest
     tolerance: float = 0.002  # allowed rise of the validation error over the target
     layer_rest: bool = False  # on a rejected iteration freeze the smallest layer and go on (see README)
+    backoff: int = 0  # on a rejected iteration halve rate and area_rate (at most this often) and go on
     neurons: bool = True
     neuron_threshold: float = 0.01  # relative to the layer's mean output magnitude
     min_weights: int = 1  # never prune a layer below this many connections
@@ -363,7 +364,7 @@ def validate(cfg: Config) -> None:
     _check(0 < p.rate < 1, "pruning.rate", p.rate, "in (0, 1)")
     _check(0 <= p.final_sparsity < 1, "pruning.final_sparsity", p.final_sparsity, "in [0, 1)")
     _check(p.schedule_steps >= 1, "pruning.schedule_steps", p.schedule_steps, ">= 1")
-    for key in ("max_iterations", "retrain_epochs", "recover_epochs", "final_epochs"):
+    for key in ("max_iterations", "retrain_epochs", "recover_epochs", "final_epochs", "backoff"):
         _check(getattr(p, key) >= 0, f"pruning.{key}", getattr(p, key), ">= 0")
     _check(p.min_weights >= 1, "pruning.min_weights", p.min_weights, ">= 1")
     _check(p.tolerance >= 0, "pruning.tolerance", p.tolerance, "non-negative")

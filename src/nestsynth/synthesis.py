@@ -55,6 +55,7 @@ class LoopState:
     widths: dict = field(default_factory=dict)
     post_growth_layers: list = field(default_factory=list)
     frozen: list = field(default_factory=list)  # layers no longer pruned (pruning.layer_rest)
+    rate_scale: float = 1.0  # multiplies pruning.rate and area_rate; halved per back-off (pruning.backoff)
     epochs: int = 0  # training epochs spent (dense reference included): the budget
     history: list = field(default_factory=list)
 
@@ -213,6 +214,8 @@ class Synthesis:
                 break
         accepted = val <= st.bound and removed + sum(neurons_removed) + getattr(self, "area_removed", 0) > 0
         extra = {"pruned_area": self.area_removed} if self.spec is not None else {}
+        if p.backoff:
+            extra["rate_scale"] = st.rate_scale
         self._log("pruning", st.iteration, val=val, loss=loss, seconds=time.monotonic() - t0,
                   pruned_connections=removed, pruned_neurons=neurons_removed, accepted=accepted, **extra)
         if accepted:
@@ -220,6 +223,9 @@ class Synthesis:
         st.iteration += 1
         if not accepted:
             self._load_model_state(self.accepted)  # back to the last accepted model
+            if p.schedule == "constant" and st.rate_scale > 0.5 ** p.backoff and st.iteration < p.max_iterations:
+                st.rate_scale /= 2  # smaller steps from the last accepted model
+                return
             if p.layer_rest and self._freeze_smallest_layer():
                 st.history[-1]["frozen"] = list(st.frozen)
                 return
@@ -337,7 +343,7 @@ class Synthesis:
                 n = cubic_removal(st.iteration, active, st.post_growth_layers[i], p.final_sparsity,
                                   p.schedule_steps, p.min_weights)
             else:
-                n = constant_rate_removal(active, p.rate, p.min_weights)
+                n = constant_rate_removal(active, p.rate * st.rate_scale, p.min_weights)
             new = prune_smallest(effective_scores(model, i), layer.mask, n)
             removed += int(layer.mask.sum() - new.sum())
             set_mask(layer, new, self.optimizer)
@@ -366,7 +372,8 @@ class Synthesis:
                 if i in self.state.frozen:
                     continue
                 layer = model.layers[i]
-                new = prune_area(area_scores(model, i, X, self.cfg.train.eval_batch_size), layer.area, p.area_rate)
+                new = prune_area(area_scores(model, i, X, self.cfg.train.eval_batch_size), layer.area,
+                                 p.area_rate * self.state.rate_scale)
                 self.area_removed += int(layer.area.sum() - new.sum())
                 layer.area.copy_(new)
         removed = [0] * model.n_hidden
