@@ -37,6 +37,26 @@ def flops_without_area(run: Path) -> int:
     return round(totals(layer_table(model))["flops"])
 
 
+def map_growth(runs: list[Path]) -> dict:
+    """Policy 3 as measured: per growth step and conv layer, the loss reduction of the
+    chosen maps (best of the candidates) and the mean reduction over all candidates (what
+    one random set gives on average), from every run's metrics.jsonl."""
+    best, rand = [], []
+    for run in runs:
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if "map_best_reduction" in row:
+                best += row["map_best_reduction"]
+                rand += row["map_random_reduction"]
+    if not best:
+        return {}
+    mb, mr = sum(best) / len(best), sum(rand) / len(rand)
+    return {"layer_steps": len(best), "best_mean": mb, "random_mean": mr,
+            "best_positive_share": sum(b > 0 for b in best) / len(best),
+            "random_positive_share": sum(r > 0 for r in rand) / len(rand),
+            "ratio_of_means": mb / mr if mr > 0 else None}
+
+
 def summarize(reports: list[dict], runs: list[Path]) -> dict:
     def col(f):
         return mean_std([float(f(r)) for r in reports])
@@ -55,6 +75,7 @@ def summarize(reports: list[dict], runs: list[Path]) -> dict:
         "conv_pct": {name: col(lambda r, name=name: next(x["conv_pct"] for x in r["layers"] if x["name"] == name))
                      for name in convs},
         "wall_seconds": col(lambda r: r["wall_seconds"]),
+        "map_growth": map_growth(runs),
         "epochs": col(lambda r: (r.get("budget") or {}).get("epochs") or 0),
         "dense_test_error_pct": col(lambda r: 100 * r["dense_reference"]["test_error"]),
         "per_seed": [{"seed": r["seed"], "test_error_pct": 100 * r["test_error"], "weights": r["weights"],
@@ -81,10 +102,22 @@ def markdown(s: dict, title: str) -> str:
              "| – | – |",
              "", "| seed | test error % | weights | FLOPs plain / act / without area | final widths "
              "| per layer (weights, Conv%, Act%) |", "|---|---|---|---|---|---|"]
+    mg = s.get("map_growth")
+    if mg:
+        ratio = (f"{mg['ratio_of_means']:.1f}×" if mg["ratio_of_means"] is not None
+                 else "undefined (a random set raises the loss on average)")
+        tail = [
+            "", f"Feature-map growth (Policy 3), {mg['layer_steps']} layer-steps: loss reduction of the chosen "
+            f"maps {mg['best_mean']:.2e} on average ({100 * mg['best_positive_share']:.0f}% positive), of one "
+            f"random candidate set {mg['random_mean']:.2e} ({100 * mg['random_positive_share']:.0f}% positive); "
+            f"ratio {ratio}."]
+    else:
+        tail = []
     for r in s["per_seed"]:
         lines.append(f"| {r['seed']} | {r['test_error_pct']:.2f} | {r['weights']['final']} | "
                      f"{r['flops']['final']} / {r['flops']['final_act']} / {r['flops_without_area']} | "
                      f"{'-'.join(map(str, r['widths']))} | {r['layers']} |")
+    lines += tail
     return "\n".join(lines) + "\n"
 
 
