@@ -211,3 +211,37 @@ def test_running_topk_equals_topk_of_the_concatenation():
             off += len(c)
         expected = torch.topk(flat.clamp(min=0), min(k, int((flat > 0).sum())))
         assert torch.equal(top.indices, expected.indices) and torch.equal(top.values, expected.values)
+
+
+@pytest.mark.parametrize("h", [0, 1])  # next layer: a convolution (with area mask), then the linear head
+def test_gradient_outgoing_weights_follow_autograd_and_lower_the_loss(h):
+    from nestsynth.growth.feature_maps import _bounds, _out_shape
+
+    model = tiny_cnn(seed=12)
+    X, y = data(12, seed=13)
+    density, n_cand = 0.4, 5
+    w_in, w_out, stats = grow_feature_map(model, h, X, y, n_cand, density, torch.Generator().manual_seed(3),
+                                          "default", out_init="gradient")
+    # oracle: install the chosen kernels with zero outgoing weights and differentiate
+    big = copy.deepcopy(model).eval()
+    append_units(big, h, w_in, torch.zeros_like(w_out))
+    nxt = big.layers[h + 1]
+    nxt.mask.fill_(1.0)  # every outgoing position may be chosen
+    loss = F.cross_entropy(big(X), y)
+    g = torch.autograd.grad(loss, nxt.weight)[0]
+    g = g[:, -1:] if nxt.weight.dim() == 4 else g[:, -model.flat_size:]
+    count = max(1, round(density * g.numel()))
+    top = torch.topk(g.abs().flatten(), count).indices
+    assert torch.equal((w_out != 0).flatten().nonzero().flatten().sort().values, top.sort().values)
+    ratio = (w_out.flatten()[top] / -g.flatten()[top])
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0])))  # parallel to -G
+    assert float(ratio[0]) > 0
+    assert float(w_out.flatten()[top].abs().mean()) == pytest.approx(_bounds(model, h, "default")[1] / 2)
+    assert w_out.shape == _out_shape(model, h)
+    # the chosen map is still the best candidate by the exact loss, and it lowers the loss
+    assert brute_loss(model, h, X, y, w_in, w_out) == pytest.approx(min(stats["candidate_losses"]), rel=1e-10)
+    assert stats["best_reduction"] > 0
+    # the candidates' kernels are the random draws (only the outgoing weights differ)
+    regen = torch.Generator().manual_seed(3)
+    cands = [random_feature_map(model, h, density, regen, "default")[0] for _ in range(n_cand)]
+    assert torch.equal(w_in, cands[stats["best_index"]])

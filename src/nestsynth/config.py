@@ -93,6 +93,7 @@ class GrowthConfig:
     feature_maps_per_step: int = 2  # CNNs: new feature maps per conv layer per step (Policy 3)
     map_candidates: int = 8  # random kernel sets tried per new feature map; the best is kept
     map_density: float = 0.0  # share of a new map's kernel weights that are active; 0 = the layer's current density
+    map_out: str = "gradient"  # a new map's outgoing weights: gradient (along -dL/dw_out) or random
     map_scale: str = "default"  # candidate kernels: default (PyTorch's 1/sqrt(fan_in)) or layer (the layer's |w|)
 
 
@@ -375,6 +376,7 @@ def validate(cfg: Config) -> None:
     _check(g.map_candidates >= 1, "growth.map_candidates", g.map_candidates, ">= 1")
     _check(0 <= g.map_density <= 1, "growth.map_density", g.map_density, "in [0, 1]")
     _check(g.map_scale in ("default", "layer"), "growth.map_scale", g.map_scale, "default or layer")
+    _check(g.map_out in ("gradient", "random"), "growth.map_out", g.map_out, "gradient or random")
     _validate_method(cfg)
 
 

@@ -325,7 +325,8 @@ class Synthesis:
             layer = model.layers[h]
             density = g.map_density or max(float(layer.mask.mean()), 1.0 / layer.mask[0].numel())
             w_in, w_out, stats = grow_feature_maps(model, h, g.feature_maps_per_step, Xm, ym,
-                                                   g.map_candidates, density, self.generator, g.map_scale)
+                                                   g.map_candidates, density, self.generator, g.map_scale,
+                                                   g.map_out)
             append_units(model, h, w_in, w_out, self.optimizer)
             grown.append({"count": w_in.shape[0], "best": sum(st["best_reduction"] for st in stats),
                           "random": sum(st["mean_random_reduction"] for st in stats)})
