@@ -288,3 +288,63 @@ def test_sparse_mlp_counts_and_effective_weight():
     x = torch.randn(4, 6)
     model.eval(), rebuilt.eval()
     torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def _adam_with_state(model, X, y, steps=3):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+    return opt
+
+
+def test_warm_set_mask_gives_grown_connections_the_mean_second_moment():
+    g = torch.Generator().manual_seed(0)
+    model = SparseMLP([6, 5, 3], "relu", generator=g)
+    with torch.no_grad():
+        model.layers[0].mask.copy_(random_mask(5, 6, 0.5, g))
+        model.zero_dormant()
+    X, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    opt = _adam_with_state(model, X, y)
+    layer = model.layers[0]
+    v_before = opt.state[layer.weight]["exp_avg_sq"].clone()
+    old = layer.mask.bool()
+    new_mask = layer.mask.clone()
+    new_mask[0, :] = 1  # grow row 0
+    new_mask[4, 0] = 0 if old[4, 0] else 1
+    changed = new_mask.bool() != old
+    grown = changed & new_mask.bool()
+    kept = ~changed & (v_before > 0)
+    hand = float(v_before[kept].sum() / kept.sum())  # oracle: mean over the untouched trained entries
+    set_mask(layer, new_mask, opt, warm=True)
+    v = opt.state[layer.weight]["exp_avg_sq"]
+    assert torch.allclose(v[grown], torch.full_like(v[grown], hand))
+    assert torch.equal(v[~changed], v_before[~changed])
+    assert bool((v[changed & ~new_mask.bool()] == 0).all())  # pruned: zero
+    assert bool((opt.state[layer.weight]["exp_avg"][changed] == 0).all())  # first moment: zero
+    set_mask(layer, layer.mask * 0 + 1, opt)  # without warm: zero, as before
+    assert bool((opt.state[layer.weight]["exp_avg_sq"][~new_mask.bool()] == 0).all())
+
+
+def test_warm_append_units_gives_new_weights_the_mean_second_moment():
+    g = torch.Generator().manual_seed(1)
+    model = SparseMLP([6, 5, 3], "relu", generator=g)
+    X, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    opt = _adam_with_state(model, X, y)
+    v_in = opt.state[model.layers[0].weight]["exp_avg_sq"].clone()
+    v_b = opt.state[model.layers[0].bias]["exp_avg_sq"].clone()
+    v_out = opt.state[model.layers[1].weight]["exp_avg_sq"].clone()
+    w_in = torch.randn(2, 6, generator=g)
+    w_in[1, :3] = 0  # dormant incoming positions stay at zero state
+    w_out = torch.randn(3, 2, generator=g)
+    append_units(model, 0, w_in, w_out, opt, warm=True)
+    vi = opt.state[model.layers[0].weight]["exp_avg_sq"]
+    assert torch.allclose(vi[5:][w_in != 0], torch.full((9,), float(v_in[v_in > 0].mean())))
+    assert bool((vi[5:][w_in == 0] == 0).all()) and torch.equal(vi[:5], v_in)
+    vb = opt.state[model.layers[0].bias]["exp_avg_sq"]
+    assert torch.allclose(vb[5:], torch.full((2,), float(v_b[v_b > 0].mean())))
+    vo = opt.state[model.layers[1].weight]["exp_avg_sq"]
+    assert torch.allclose(vo[:, 5:], torch.full((3, 2), float(v_out[v_out > 0].mean())))
+    assert bool((opt.state[model.layers[1].weight]["exp_avg"][:, 5:] == 0).all())
+    opt.step()  # the optimizer still works on the grown tensors

@@ -93,6 +93,7 @@ class GrowthConfig:
     feature_maps_per_step: int = 2  # CNNs: new feature maps per conv layer per step (Policy 3)
     map_candidates: int = 8  # random kernel sets tried per new feature map; the best is kept
     map_density: float = 0.0  # share of a new map's kernel weights that are active; 0 = the layer's current density
+    adam_warm: bool = False  # grown weights start with the layer's mean Adam second moment, not zero
     map_out: str = "gradient"  # a new map's outgoing weights: gradient (along -dL/dw_out) or random
     map_scale: str = "default"  # candidate kernels: default (PyTorch's 1/sqrt(fan_in)) or layer (the layer's |w|)
 

@@ -287,7 +287,7 @@ class Synthesis:
                 new_masks = [grow_connections(grad.abs(), m, k) for grad, m, k in zip(scan.grads, masks, k_layer)]
             for layer, new in zip(model.layers, new_masks):
                 conns += int(new.sum() - layer.mask.sum())
-                set_mask(layer, new, self.optimizer)
+                set_mask(layer, new, self.optimizer, g.adam_warm)
         maps = self._grow_feature_maps(X, y) if self.spec is not None else []
         if g.neurons and g.neurons_per_step > 0:
             for h in range(model.n_hidden):
@@ -298,7 +298,7 @@ class Synthesis:
                                            self.generator, g.sign)
                 # neurons born in layer h-1 during this step are not among the scanned inputs
                 w_in = torch.nn.functional.pad(w_in, (0, model.layers[h].in_features - w_in.shape[1]))
-                append_units(model, h, w_in, w_out, self.optimizer)
+                append_units(model, h, w_in, w_out, self.optimizer, warm=g.adam_warm)
                 neurons.append(w_in.shape[0])
         out = {"grown_connections": conns, "grown_neurons": neurons}
         if maps:
@@ -327,7 +327,7 @@ class Synthesis:
             w_in, w_out, stats = grow_feature_maps(model, h, g.feature_maps_per_step, Xm, ym,
                                                    g.map_candidates, density, self.generator, g.map_scale,
                                                    g.map_out)
-            append_units(model, h, w_in, w_out, self.optimizer)
+            append_units(model, h, w_in, w_out, self.optimizer, warm=g.adam_warm)
             grown.append({"count": w_in.shape[0], "best": sum(st["best_reduction"] for st in stats),
                           "random": sum(st["mean_random_reduction"] for st in stats)})
         return grown
