@@ -36,6 +36,10 @@ def cli(args: list[str], threads: int) -> dict:
     return json.loads(done.stdout)
 
 
+def kernel_text(spec: dict) -> str:
+    return f"×{spec['kernel']}×{spec['kernel']}" if "kernel" in spec else ""
+
+
 def layer_names(specs: list[dict]) -> list[str]:
     convs = sum(1 for s in specs if s.get("type") == "conv2d")
     return [f"conv{i + 1}" if s.get("type") == "conv2d" else f"fc{i - convs + 1}" for i, s in enumerate(specs)]
@@ -54,7 +58,7 @@ def latency_table(bench: dict, title: str) -> list[str]:
     fl = bench["flops"]
     names = layer_names(bench["storage"])
     lines += ["", f"Per-layer storage: " + ", ".join(
-        f"{n} {s['in']}×{s['out']}{'×' + 'x'.join(map(str, s['kernel'])) if 'kernel' in s else ''} {s['storage']}"
+        f"{n} {s['in']}×{s['out']}{kernel_text(s)} {s['storage']}"
         + (f" (density {s['choice']['density']:.3f})" if 'density' in s.get('choice', {}) else "")
         + (" [CSR failed the 1e-5 check: dense]" if s.get('choice', {}).get('csr_fallback') else "")
         for n, s in zip(names, bench["storage"])) + f". Non-zero-weight FLOPs {fl['nonzero']:,} "
@@ -68,6 +72,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for every timing (default 1)")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--tolerance", type=float, default=1e-5,
+                    help="the export check's bound on |compact - masked| (nestsynth export --tolerance)")
     ap.add_argument("--name", default=None, help="results name (default: infer_ + the run's directory)")
     args = ap.parse_args()
     run = Path(args.run)
@@ -76,14 +82,16 @@ def main() -> None:
     out = run / "export"
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     t = ["--threads", str(args.threads)]
+    tol = ["--tolerance", str(args.tolerance)]
     exports = {
         "pytorch_auto_b1": cli(["export", run, "--format", "pytorch", "--sparse", "auto", "--batch-size", "1",
-                                "--out", out / "compact.pt"] + data + t, args.threads),
+                                "--out", out / "compact.pt"] + data + t + tol, args.threads),
         "pytorch_auto_b256": cli(["export", run, "--format", "pytorch", "--sparse", "auto", "--batch-size", "256",
-                                  "--out", out / "compact_b256.pt"] + data + t, args.threads),
+                                  "--out", out / "compact_b256.pt"] + data + t + tol, args.threads),
         "safetensors": cli(["export", run, "--format", "safetensors", "--sparse", "dense",
-                            "--out", out / "compact.safetensors"] + data + t, args.threads),
-        "onnx": cli(["export", run, "--format", "onnx", "--out", out / "compact.onnx"] + data + t, args.threads),
+                            "--out", out / "compact.safetensors"] + data + t + tol, args.threads),
+        "onnx": cli(["export", run, "--format", "onnx", "--out", out / "compact.onnx"] + data + t + tol,
+                    args.threads),
     }
     evaluations = {k: cli(["evaluate", e["artifact"]] + data, args.threads) for k, e in exports.items()}
     benches = {}
@@ -105,7 +113,8 @@ def main() -> None:
     masked_kind = "SparseCNN" if exports["onnx"].get("area_masks") is not None else "SparseMLP"
     lines = [f"### Compact {model_name} inference — `{summary['command']}`", "",
              f"Run `{run.relative_to(ROOT) if run.is_relative_to(ROOT) else run}`; {summary['machine']}; "
-             f"{args.threads} thread(s); median of {args.repeats} timed samples after warm-up, [IQR].", "",
+             f"{args.threads} thread(s); median of {args.repeats} timed samples after warm-up, [IQR]; export check "
+             f"bound {args.tolerance:g}.", "",
              "| artifact | test error % | max \\|out − masked\\| | bytes |", "|---|---:|---:|---:|"]
     lines.append(f"| masked model.pt ({masked_kind}) | {100 * exports['onnx']['test_error_masked']:.2f} | – | "
                  f"{exports['onnx']['source_model_bytes']:,} |")

@@ -158,6 +158,11 @@ def _sizes(paths) -> dict:
 # ---------------------------------------------------------------------------- export
 
 
+@torch.inference_mode()
+def _max_abs_output(model, X: torch.Tensor, batch_size: int = 1024) -> float:
+    return max(float(model(X[i:i + batch_size]).abs().max()) for i in range(0, len(X), batch_size))
+
+
 def dense_fallback(masked, compact, decisions: list[dict], X: torch.Tensor, tolerance: float,
                    diff: float) -> tuple[float, list[str]]:
     """``--sparse auto``: store CSR layers dense again until the export check passes.
@@ -257,8 +262,13 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
             result["test_error_compact"] = _error(compact, X, y) / len(y)
         result["check_passed"] = bool(diff < tolerance)
         if not result["check_passed"]:
+            top = _max_abs_output(src.model, X)
+            spacing = math.ulp(top) if math.isfinite(top) else float("nan")
+            spacing32 = spacing * 2.0 ** 29  # float32 has 29 fewer mantissa bits than float64
             raise NestError(f"export check failed: the compact model's outputs differ from the masked model's "
-                            f"by up to {diff:.3g} (tolerance {tolerance:g}); nothing was written.")
+                            f"by up to {diff:.3g} (tolerance {tolerance:g}; the outputs reach {top:.3g}, where "
+                            f"float32 numbers are {spacing32:.2g} apart, so this is {diff / spacing32:.0f} "
+                            f"float32 steps); nothing was written. --tolerance sets the bound.")
         if fmt == "onnx":  # write exactly the bytes that were checked
             ckpt.atomic_write_bytes(path, data)
             files = [path]
