@@ -127,7 +127,8 @@ def main() -> None:
                  f"{sizes['dense reference (fp32 weights+biases, computed)']:,} |")
     deep = benches["auto_b1"].get("deep_compression")
     if deep:
-        lines.append(f"| Deep Compression, Huffman-coded ({deep['bits']} bits; `nestsynth compress`) | "
+        conv = f", conv {deep['conv_bits']} bits" if deep.get("conv_bits") not in (None, deep["bits"]) else ""
+        lines.append(f"| Deep Compression, Huffman-coded ({deep['bits']} bits{conv}; `nestsynth compress`) | "
                      f"{100 * deep['test_error_after']:.2f} | – | {deep['bytes']['huffman']:,} |")
     lines.append("")
     lines += latency_table(benches["auto_b1"], "compact.pt: `--sparse auto` decided at batch 1")

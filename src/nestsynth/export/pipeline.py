@@ -427,6 +427,11 @@ def _onnx_available() -> bool:
         return False
 
 
+def _bits_text(deep: dict) -> str:
+    conv = deep.get("conv_bits")
+    return f"{deep['bits']} bits" + (f", conv {conv} bits" if conv and conv != deep["bits"] else "")
+
+
 def deep_compression_sizes(run_dir: Path | None) -> dict | None:
     """The Deep Compression stage of a run (``nestsynth compress``), when it was applied:
     bytes of each storage form, the Huffman-coded size against the dense reference and
@@ -438,7 +443,7 @@ def deep_compression_sizes(run_dir: Path | None) -> dict | None:
     try:
         c = json.loads((Path(run_dir) / COMPRESSION_FILE).read_text())
         shared = Path(run_dir) / SHARED_MODEL_FILE
-        return {"bits": c["bits"], "bytes": dict(c["bytes"]),
+        return {"bits": c["bits"], "conv_bits": c.get("conv_bits"), "bytes": dict(c["bytes"]),
                 "huffman_ratio_vs_dense_reference": (c.get("reference") or {}).get("ratio", {}).get("huffman"),
                 "test_error_after": c["error"]["test_after"], "file": SHARED_MODEL_FILE,
                 "file_bytes": shared.stat().st_size if shared.is_file() else None}
@@ -552,7 +557,7 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
         deep = deep_compression_sizes(src.run_dir)
         if deep is not None:
             files[deep["file"]] = deep["file_bytes"]
-            files[f"Deep Compression, Huffman-coded ({deep['bits']} bits, computed)"] = deep["bytes"]["huffman"]
+            files[f"Deep Compression, Huffman-coded ({_bits_text(deep)}, computed)"] = deep["bytes"]["huffman"]
         result = {"artifact": str(artifact), "run": str(run), "input_shape": list(shape),
                   "batch_sizes": list(batch_sizes), "threads": int(threads), "repeats": repeats,
                   "warmup": warmup,
@@ -593,7 +598,7 @@ def format_inference_table(result: dict) -> str:
     deep = result.get("deep_compression")
     if deep:
         ratio = deep.get("huffman_ratio_vs_dense_reference")
-        lines.append(f"Deep Compression ({deep['bits']} bits): " + ", ".join(
+        lines.append(f"Deep Compression ({_bits_text(deep)}): " + ", ".join(
             f"{k} {v:,} B" for k, v in deep["bytes"].items()) + (f"; Huffman {ratio:.1f}x below the dense "
                                                                  f"reference" if ratio else "") +
             f"; test error after sharing {100 * deep['test_error_after']:.2f}%")
