@@ -88,30 +88,39 @@ def markdown(s: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "lenet-300-100-mnist.toml"))
+def bench_main(script: str, default_config: str, name: str, title: str, summarize, markdown) -> None:
+    """The command line every multi-seed synthesis benchmark shares: run the seeds
+    (``--jobs`` at a time), ``summarize(reports, run_dirs)``, write
+    bench/results/NAME.{json,md} with ``markdown(summary, title)`` and print it."""
+    ap = argparse.ArgumentParser(description=f"Benchmark: {title}, several seeds.")
+    ap.add_argument("--config", default=str(ROOT / "configs" / default_config))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "runs" / "lenet300_mnist"))
-    ap.add_argument("--name", default="lenet300_mnist")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "runs" / name))
+    ap.add_argument("--name", default=name)
     ap.add_argument("--set", action="append", default=[], help="config override for new runs")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs threads)")
     args = ap.parse_args()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    runs = [Path(args.out) / f"seed{s}" for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        reports = list(pool.map(lambda s: run_seed(Path(args.config), s, Path(args.out) / f"seed{s}",
-                                                   args.data_dir, args.set, threads), args.seeds))
-    summary = summarize(reports)
-    summary["machine"] = f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
-    summary["command"] = " ".join(["python", "bench/lenet300_mnist.py"] + sys.argv[1:])
+        reports = list(pool.map(lambda sr: run_seed(Path(args.config), sr[0], sr[1], args.data_dir, args.set,
+                                                    threads), zip(args.seeds, runs)))
+    summary = summarize(reports, runs)
+    summary["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    summary["command"] = " ".join(["python", script] + sys.argv[1:])
     summary["threads_per_run"] = threads
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    md = markdown(summary, f"NeST LeNet-300-100 / MNIST — `{summary['command']}`")
+    md = markdown(summary, f"{title} — `{summary['command']}`")
     (results / f"{args.name}.md").write_text(md)
     print(md)
+
+
+def main() -> None:
+    bench_main("bench/lenet300_mnist.py", "lenet-300-100-mnist.toml", "lenet300_mnist",
+               "NeST LeNet-300-100 / MNIST", lambda reports, runs: summarize(reports), markdown)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,13 @@ conv layer and wall time (mean +- std) to bench/results/lenet5_mnist.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from lenet300_mnist import mean_std, run_seed  # noqa: E402  (same runner: CLI subprocess per seed)
+from lenet300_mnist import bench_main, mean_std, summarize as mlp_summarize  # noqa: E402  (same runner: CLI subprocess per seed)
 
 
 def flops_without_area(run: Path) -> int:
@@ -58,26 +54,20 @@ def map_growth(runs: list[Path]) -> dict:
 
 
 def summarize(reports: list[dict], runs: list[Path]) -> dict:
+    """The LeNet-300-100 summary (errors, weights, FLOPs, wall time, dense reference)
+    plus the CNN columns and a per-seed table with Conv%."""
     def col(f):
         return mean_std([float(f(r)) for r in reports])
 
     no_area = [flops_without_area(run) for run in runs]
     convs = [x["name"] for x in reports[0]["layers"] if x.get("conv_pct") is not None]
     return {
-        "runs": len(reports),
-        "test_error_pct": col(lambda r: 100 * r["test_error"]),
-        "val_error_pct": col(lambda r: 100 * r["val_error"]),
-        "weights_final": col(lambda r: r["weights"]["final"]),
-        "weights_post_growth": col(lambda r: r["weights"]["post_growth"]),
-        "flops_final": col(lambda r: r["flops"]["final"]),
-        "flops_final_act": col(lambda r: r["flops"]["final_act"]),
+        **mlp_summarize(reports),
         "flops_without_area": mean_std([float(v) for v in no_area]),
         "conv_pct": {name: col(lambda r, name=name: next(x["conv_pct"] for x in r["layers"] if x["name"] == name))
                      for name in convs},
-        "wall_seconds": col(lambda r: r["wall_seconds"]),
         "map_growth": map_growth(runs),
         "epochs": col(lambda r: (r.get("budget") or {}).get("epochs") or 0),
-        "dense_test_error_pct": col(lambda r: 100 * r["dense_reference"]["test_error"]),
         "per_seed": [{"seed": r["seed"], "test_error_pct": 100 * r["test_error"], "weights": r["weights"],
                       "flops": r["flops"], "flops_without_area": na, "widths": r["widths"]["final"],
                       "layers": [(x["name"], x["weights"], None if x.get("conv_pct") is None else round(x["conv_pct"]),
@@ -122,30 +112,8 @@ def markdown(s: dict, title: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "lenet-5-mnist.toml"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "runs" / "lenet5_mnist"))
-    ap.add_argument("--name", default="lenet5_mnist")
-    ap.add_argument("--set", action="append", default=[], help="config override for new runs")
-    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs threads)")
-    args = ap.parse_args()
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    runs = [Path(args.out) / f"seed{s}" for s in args.seeds]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        reports = list(pool.map(lambda sr: run_seed(Path(args.config), sr[0], sr[1], args.data_dir, args.set,
-                                                    threads), zip(args.seeds, runs)))
-    summary = summarize(reports, runs)
-    summary["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
-    summary["command"] = " ".join(["python", "bench/lenet5_mnist.py"] + sys.argv[1:])
-    summary["threads_per_run"] = threads
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    md = markdown(summary, f"NeST LeNet-5 / MNIST — `{summary['command']}`")
-    (results / f"{args.name}.md").write_text(md)
-    print(md)
+    bench_main("bench/lenet5_mnist.py", "lenet-5-mnist.toml", "lenet5_mnist", "NeST LeNet-5 / MNIST", summarize,
+               markdown)
 
 
 if __name__ == "__main__":

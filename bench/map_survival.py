@@ -25,11 +25,8 @@ from nestsynth.report import load_model
 
 def survival(run: Path, X: torch.Tensor) -> dict:
     cfg = C.load(run / "config.toml")
-    report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else {}
     model = load_model(run / "checkpoints" / "post_growth.pt").eval()
-    seed_widths = (report.get("widths") or {}).get("seed") or json.loads(
-        (run / "metrics.jsonl").read_text().splitlines()[0])["neurons"]
-    seed_widths = seed_widths[1:] if len(seed_widths) == len(model.widths) else seed_widths
+    seed_widths = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["neurons"]  # the seed row
     stats = feature_map_statistics(model, X, 1024)
     out = {}
     for h in range(model.n_conv):

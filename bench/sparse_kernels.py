@@ -88,21 +88,16 @@ def main() -> None:
         x = x.flatten(1)
         return x if idx is None else x.index_select(1, idx)
 
-    def run_dense(ws, b_):
+    def run_dense(ws, b_, read=lambda x: x.flatten(1)):
         def f(x):
-            h = x.flatten(1)
+            h = read(x)
             for i, (w, b) in enumerate(zip(ws, b_)):
                 h = torch.addmm(b, h, w.t())
                 h = relu(h) if i < last else h
             return h
         return f
 
-    def run_compact_dense(x):
-        h = gather(x)
-        for i, (w, b) in enumerate(zip(Ws, bs)):
-            h = torch.addmm(b, h, w.t())
-            h = relu(h) if i < last else h
-        return h
+    run_compact_dense = run_dense(Ws, bs, gather)
 
     def run_csr(x):
         h = gather(x).t()

@@ -24,9 +24,29 @@ def sparse_model(widths=(6, 5, 4, 3), density=0.5, seed=0, batch_norm=False, act
             layer.mask.copy_(random_mask(layer.out_features, layer.in_features, density, gen))
             layer.bias.uniform_(-0.5, 0.5, generator=gen)
         model.zero_dormant()
+    randomize_bn(model, gen, 0.5, 0.5)
+    return model
+
+
+def randomize_bn(model, gen: torch.Generator, spread: float = 0.3, bias: float | None = 0.2) -> None:
+    """Random batch-norm statistics and affine parameters: running mean in +-spread, running
+    variance in [0.5, 2], weight in [0.5, 1.5], bias in +-bias (left alone when None)."""
+    with torch.no_grad():
         for bn in model.norms:
-            bn.running_mean.uniform_(-0.5, 0.5, generator=gen)
+            bn.running_mean.uniform_(-spread, spread, generator=gen)
             bn.running_var.uniform_(0.5, 2.0, generator=gen)
             bn.weight.uniform_(0.5, 1.5, generator=gen)
-            bn.bias.uniform_(-0.5, 0.5, generator=gen)
-    return model
+            if bias is not None:
+                bn.bias.uniform_(-bias, bias, generator=gen)
+
+
+def randomize_masks(model, gen: torch.Generator, density: float, area: float | None = None) -> None:
+    """Every layer's mask (and conv area mask, with ``area``) ~ Bernoulli(density / area),
+    drawn layer by layer in the mask's dtype; dormant weights zeroed."""
+    with torch.no_grad():
+        for layer in model.layers:
+            dtype = layer.mask.dtype
+            layer.mask.copy_((torch.rand(layer.mask.shape, generator=gen, dtype=dtype) < density).to(dtype))
+            if area is not None and hasattr(layer, "area"):
+                layer.area.copy_((torch.rand(layer.area.shape, generator=gen, dtype=dtype) < area).to(dtype))
+        model.zero_dormant()

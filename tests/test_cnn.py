@@ -9,6 +9,7 @@ from torch import nn
 
 from nestsynth.errors import NestError
 from nestsynth.sparse import MaskedConv2d, SparseCNN, append_units, cnn_from_sequential, keep_units, model_from_arch
+from nest_helpers import randomize_bn, randomize_masks
 
 CONV = [{"out": 4, "kernel": 3, "padding": 1, "pool": "max:2:2"}, {"out": 5, "kernel": 3, "pool": "avg:2:2"}]
 FC = [{"out": 7}, {"out": 3}]
@@ -17,14 +18,8 @@ FC = [{"out": 7}, {"out": 3}]
 def tiny(batch_norm=False, seed=0) -> SparseCNN:
     gen = torch.Generator().manual_seed(seed)
     model = SparseCNN((2, 10, 10), CONV, FC, batch_norm, generator=gen)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.mask.copy_((torch.rand(layer.mask.shape, generator=gen) < 0.6).float())
-        model.zero_dormant()
-        for bn in model.norms:
-            bn.running_mean.uniform_(-0.3, 0.3, generator=gen)
-            bn.running_var.uniform_(0.5, 2.0, generator=gen)
-            bn.weight.uniform_(0.5, 1.5, generator=gen)
+    randomize_masks(model, gen, 0.6)
+    randomize_bn(model, gen, bias=None)
     return model.eval()
 
 

@@ -33,14 +33,15 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-def _randomize_bn(model: SparseMLP, g: torch.Generator) -> None:
+def _randomize_bn(model, g: torch.Generator, bias_scale: float = 0.3) -> None:
+    """Gaussian batch-norm statistics and affine parameters (weights of either sign)."""
     with torch.no_grad():
         for bn in model.norms:
             n = bn.num_features
             bn.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
             bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
             bn.weight.copy_(torch.randn(n, generator=g))
-            bn.bias.copy_(torch.randn(n, generator=g) * 0.3)
+            bn.bias.copy_(torch.randn(n, generator=g) * bias_scale)
 
 
 def pruned_model(batch_norm: bool = True) -> SparseMLP:

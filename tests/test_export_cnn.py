@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_export import _call, _Exploit, _one_error_line
+from test_export import _call, _Exploit, _one_error_line, _randomize_bn
 
 from nestsynth import config as C
 from nestsynth.api import resolve_reference, run_synthesis
@@ -27,16 +27,6 @@ from nestsynth.sparse import SparseCNN
 CONV = [{"out": 5, "kernel": 3, "padding": 1, "pool": "max:2:2", "act": "tanh"},
         {"out": 4, "kernel": 3, "padding": 1, "pool": "max:2:2"}]
 FC = [{"out": 6}, {"out": 3}]
-
-
-def _randomize_bn(model: SparseCNN, g: torch.Generator) -> None:
-    with torch.no_grad():
-        for bn in model.norms:
-            n = bn.num_features
-            bn.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            bn.weight.copy_(torch.randn(n, generator=g))
-            bn.bias.copy_(torch.randn(n, generator=g) * 0.5)
 
 
 def _rand_masks(model: SparseCNN, g: torch.Generator, density: float = 0.6, area: float = 0.7) -> None:
@@ -73,7 +63,7 @@ def pruned_cnn(batch_norm: bool = True) -> SparseCNN:
         f1.mask[5] = 0
         f2.mask.fill_(1)
         model.zero_dormant()
-    _randomize_bn(model, g)
+    _randomize_bn(model, g, 0.5)
     return model.eval()
 
 
@@ -134,7 +124,7 @@ def test_every_map_of_a_layer_constant_folds_through_padding():
         model.layers[1].weight.mul_(4)
         model.layers[0].mask.zero_()  # every conv1 map is a constant map
         model.zero_dormant()
-    _randomize_bn(model, g)
+    _randomize_bn(model, g, 0.5)
     model.eval()
     compact, info = compact_from_sparse(model, "dense")
     # conv2 reads only conv1: its maps become constant as well, and so do fc1's neurons
@@ -149,7 +139,7 @@ def test_every_map_of_a_layer_constant_folds_through_padding():
 def test_unread_input_channels_are_gathered_and_a_dense_model_is_kept_whole():
     g = torch.Generator().manual_seed(2)
     model = SparseCNN((4, 8, 8), CONV, FC, True, generator=g)
-    _randomize_bn(model, g)
+    _randomize_bn(model, g, 0.5)
     model.eval()
     compact, info = compact_from_sparse(model, "dense")  # every mask full: nothing removed
     assert compact.widths == model.widths and info["area_masks"] == [False, False]

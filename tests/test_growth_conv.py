@@ -14,6 +14,7 @@ from nestsynth.growth.conv import dormant_topk, layer_gradients, top_dormant
 from nestsynth.growth.feature_maps import grow_feature_map, grow_feature_maps, random_feature_map
 from nestsynth.growth.scores import gradient_scan
 from nestsynth.sparse import SparseCNN, SparseMLP, append_units
+from nest_helpers import randomize_bn, randomize_masks
 
 CONV = [{"out": 4, "kernel": 3, "padding": 1, "pool": "max:2:2"},
         {"out": 5, "kernel": 3, "stride": 2, "padding": 1, "act": "tanh", "pool": "avg:2:2"}]
@@ -21,19 +22,8 @@ FC = [{"out": 6, "dropout": 0.3}, {"out": 3}]
 
 
 def _sparsify(model, gen, density=0.5, area=True):
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.mask.copy_((torch.rand(layer.mask.shape, generator=gen, dtype=layer.mask.dtype) < density)
-                             .to(layer.mask.dtype))
-            if area and hasattr(layer, "area"):
-                layer.area.copy_((torch.rand(layer.area.shape, generator=gen, dtype=layer.area.dtype) < 0.7)
-                                 .to(layer.area.dtype))
-        model.zero_dormant()
-        for bn in model.norms:
-            bn.running_mean.uniform_(-0.3, 0.3, generator=gen)
-            bn.running_var.uniform_(0.5, 2.0, generator=gen)
-            bn.weight.uniform_(0.5, 1.5, generator=gen)
-            bn.bias.uniform_(-0.2, 0.2, generator=gen)
+    randomize_masks(model, gen, density, 0.7 if area else None)
+    randomize_bn(model, gen)
     return model
 
 

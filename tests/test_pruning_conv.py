@@ -13,6 +13,7 @@ from nestsynth.pruning.feature_maps import feature_map_statistics, maps_to_keep,
 from nestsynth.pruning.neurons import remove_neurons
 from nestsynth.report.area_plot import plot_area_of_interest
 from nestsynth.sparse import MaskedConv2d, SparseCNN
+from nest_helpers import randomize_bn, randomize_masks
 
 
 def tiny(pad2: int = 0, batch_norm: bool = True, seed: int = 0) -> SparseCNN:
@@ -21,15 +22,8 @@ def tiny(pad2: int = 0, batch_norm: bool = True, seed: int = 0) -> SparseCNN:
     model = SparseCNN((2, 8, 8), [{"out": 3, "kernel": 3, "padding": 1, "pool": "max:2:2"},
                                   {"out": 4, "kernel": 3, "padding": pad2}],
                       [{"out": 5}, {"out": 3}], batch_norm, generator=gen)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.mask.copy_((torch.rand(layer.mask.shape, generator=gen) < 0.7).float())
-        model.zero_dormant()
-        for bn in model.norms:
-            bn.running_mean.uniform_(-0.3, 0.3, generator=gen)
-            bn.running_var.uniform_(0.5, 2.0, generator=gen)
-            bn.weight.uniform_(0.5, 1.5, generator=gen)
-            bn.bias.uniform_(-0.2, 0.2, generator=gen)
+    randomize_masks(model, gen, 0.7)
+    randomize_bn(model, gen)
     return model.eval()
 
 

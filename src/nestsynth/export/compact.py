@@ -84,6 +84,11 @@ class CompactLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.weight.to_dense() if self.storage == "csr" else self.weight
 
+    def as_dense(self, choice: dict | None = None) -> "CompactLinear":
+        """The same layer stored dense (``choice``: its recorded decision)."""
+        return CompactLinear(self.dense_weight(), self.bias, "dense", self.activation,
+                             choice if choice is not None else {"storage": "dense", "reason": "densified copy"})
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, in) -> (B, out)
         if self.storage == "csr":
             if x.shape[0] == 1:  # sparse matrix-vector product: less overhead than the general product
@@ -96,7 +101,13 @@ class CompactLinear(nn.Module):
 
     def executed_flops(self) -> int:
         """Multiply-adds actually performed, x2: all of W when dense, the non-zeros when CSR."""
-        return 2 * (self.nnz if self.storage == "csr" else self.in_features * self.out_features)
+        return self.nonzero_flops() if self.storage == "csr" else self.dense_flops()
+
+    def nonzero_flops(self) -> int:
+        return 2 * self.nnz
+
+    def dense_flops(self) -> int:
+        return 2 * self.in_features * self.out_features
 
     # ---- plain-data state --------------------------------------------------
     def spec(self) -> dict:
@@ -139,17 +150,94 @@ class CompactLinear(nn.Module):
 LAYER_TYPES: dict[str, type] = {"linear": CompactLinear}
 
 
-def model_tensors(model) -> dict[str, torch.Tensor]:
-    """Every tensor of a compact model (MLP or CNN) by name: the input gather, then each layer's."""
-    out = {}
-    if model.input_index is not None:
-        out["input_index"] = model.input_index
-    for i, layer in enumerate(model.layers):
-        out.update(layer.tensors(f"layers.{i}"))
-    return out
+class CompactNet(nn.Module):
+    """What :class:`CompactMLP` and :class:`~nestsynth.export.compact_cnn.CompactCNN` share:
+    typed ``layers``, an optional ``input_index`` gather buffer, plain-data ``meta``,
+    their counts, their tensors by name and rebuilding from them."""
+
+    def __init__(self, layers, input_index: torch.Tensor | None, meta: dict | None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.meta = dict(meta or {})
+        if input_index is not None:
+            self.register_buffer("input_index", input_index.to(torch.int64).contiguous())
+        else:
+            self.input_index = None
+
+    @property
+    def widths(self) -> list[int]:
+        """(read inputs, then every layer's outputs): the widths actually computed."""
+        return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
+
+    def nnz(self) -> int:
+        return sum(layer.nnz for layer in self.layers)
+
+    def executed_flops(self) -> int:
+        return sum(layer.executed_flops() for layer in self.layers)
+
+    def nonzero_flops(self) -> int:
+        """2 x MACs of the non-zero weights (conv: at the positions each kernel computes)."""
+        return sum(layer.nonzero_flops() for layer in self.layers)
+
+    def dense_flops(self) -> int:
+        """FLOPs with every linear layer stored dense (the ONNX graph, :meth:`densified`)."""
+        return sum(layer.dense_flops() for layer in self.layers)
+
+    def storages(self) -> list[str]:
+        return [layer.storage for layer in self.layers]
+
+    def with_layers(self, layers) -> "CompactNet":
+        """The same network (inputs, meta) with other layers."""
+        raise NotImplementedError
+
+    def densified(self) -> "CompactNet":
+        """The same network with every linear layer stored dense (for ONNX and comparisons)."""
+        return self.with_layers([layer.as_dense() if isinstance(layer, CompactLinear) else layer
+                                 for layer in self.layers]).eval()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by name: the input gather, then each layer's."""
+        out = {}
+        if self.input_index is not None:
+            out["input_index"] = self.input_index
+        for i, layer in enumerate(self.layers):
+            out.update(layer.tensors(f"layers.{i}"))
+        return out
+
+    @staticmethod
+    def rebuild(arch: dict, tensors: dict[str, torch.Tensor], layer_types: dict[str, type], what: str,
+                build: Callable, kind: str | None = None) -> "CompactNet":
+        """Check ``arch``'s format tag and version, rebuild its layers from ``tensors`` and
+        return ``build(layers, input_index)`` in eval mode.
+
+        ``build`` raises ValueError when the layers do not chain.
+
+        Raises:
+            NestError: unknown format, kind, version or layer type; missing or inconsistent tensors.
+        """
+        if not isinstance(arch, dict) or arch.get("format") != FORMAT or (kind and arch.get("kind") != kind):
+            raise NestError(f"the file is not a nestsynth {what} (its format tag is missing).")
+        if arch.get("version") != VERSION:
+            raise NestError(f"compact model version {arch.get('version')!r} is not supported "
+                            f"(this nestsynth reads version {VERSION}).")
+        try:
+            layers = []
+            for i, spec in enumerate(arch["layers"]):
+                layer_type = layer_types.get(spec.get("type"))
+                if layer_type is None:
+                    raise NestError(f"unknown layer type {spec.get('type')!r} in the {what}; "
+                                    f"known: {', '.join(layer_types)}.")
+                layers.append(layer_type.from_state(spec, tensors, f"layers.{i}"))
+            model = build(layers, tensors["input_index"] if arch.get("input_gather") else None)
+        except NestError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
+            raise NestError("the compact model's tensors do not match its architecture description "
+                            "(missing or inconsistent).") from None
+        return model.eval()
 
 
-class CompactMLP(nn.Module):
+class CompactMLP(CompactNet):
     """Inference-only network: optional input gather, then typed layers in sequence.
 
     Args:
@@ -162,20 +250,9 @@ class CompactMLP(nn.Module):
 
     def __init__(self, layers, input_shape=None, input_index: torch.Tensor | None = None,
                  n_inputs: int | None = None, meta: dict | None = None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
+        super().__init__(layers, input_index, meta)
         self.input_shape = list(input_shape) if input_shape else None
         self.n_inputs = int(n_inputs if n_inputs is not None else self.layers[0].in_features)
-        self.meta = dict(meta or {})
-        if input_index is not None:
-            self.register_buffer("input_index", input_index.to(torch.int64).contiguous())
-        else:
-            self.input_index = None
-
-    @property
-    def widths(self) -> list[int]:
-        """(read inputs, hidden..., out): the widths of the matrices actually multiplied."""
-        return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, *input_shape) -> (B, classes)
         x = x.flatten(1)
@@ -185,20 +262,8 @@ class CompactMLP(nn.Module):
             x = layer(x)
         return x
 
-    def nnz(self) -> int:
-        return sum(layer.nnz for layer in self.layers)
-
-    def executed_flops(self) -> int:
-        return sum(layer.executed_flops() for layer in self.layers)
-
-    def storages(self) -> list[str]:
-        return [layer.storage for layer in self.layers]
-
-    def densified(self) -> "CompactMLP":
-        """The same network with every layer stored dense (for ONNX and comparisons)."""
-        layers = [CompactLinear(layer.dense_weight(), layer.bias, "dense", layer.activation,
-                                {"storage": "dense", "reason": "densified copy"}) for layer in self.layers]
-        return CompactMLP(layers, self.input_shape, self.input_index, self.n_inputs, self.meta).eval()
+    def with_layers(self, layers) -> "CompactMLP":
+        return CompactMLP(layers, self.input_shape, self.input_index, self.n_inputs, self.meta)
 
     # ---- plain-data state --------------------------------------------------
     def arch(self) -> dict:
@@ -207,9 +272,6 @@ class CompactMLP(nn.Module):
                 "input_gather": self.input_index is not None,
                 "layers": [layer.spec() for layer in self.layers], "meta": self.meta}
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return model_tensors(self)
-
     @classmethod
     def from_state(cls, arch: dict, tensors: dict[str, torch.Tensor]) -> "CompactMLP":
         """Rebuild from :meth:`arch` and :meth:`tensors`.
@@ -217,20 +279,7 @@ class CompactMLP(nn.Module):
         Raises:
             NestError: unknown format, version or layer type; missing or inconsistent tensors.
         """
-        if not isinstance(arch, dict) or arch.get("format") != FORMAT:
-            raise NestError("the file is not a nestsynth compact model (its format tag is missing).")
-        if arch.get("version") != VERSION:
-            raise NestError(f"compact model version {arch.get('version')!r} is not supported "
-                            f"(this nestsynth reads version {VERSION}).")
-        try:
-            layers = []
-            for i, spec in enumerate(arch["layers"]):
-                kind = LAYER_TYPES.get(spec.get("type"))
-                if kind is None:
-                    raise NestError(f"unknown layer type {spec.get('type')!r} in the compact model; "
-                                    f"known: {', '.join(LAYER_TYPES)}.")
-                layers.append(kind.from_state(spec, tensors, f"layers.{i}"))
-            index = tensors["input_index"] if arch.get("input_gather") else None
+        def build(layers, index):
             n_inputs = int(arch["n_inputs"])
             if index is not None and (index.dim() != 1 or index.numel() != layers[0].in_features
                                       or (index.numel() and (int(index.min()) < 0
@@ -241,13 +290,9 @@ class CompactMLP(nn.Module):
             for a, b in zip(layers[:-1], layers[1:]):
                 if a.out_features != b.in_features:
                     raise ValueError("layers do not chain")
-            model = cls(layers, arch.get("input_shape"), index, n_inputs, arch.get("meta"))
-        except NestError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
-            raise NestError("the compact model's tensors do not match its architecture description "
-                            "(missing or inconsistent).") from None
-        return model.eval()
+            return cls(layers, arch.get("input_shape"), index, n_inputs, arch.get("meta"))
+
+        return cls.rebuild(arch, tensors, LAYER_TYPES, "compact model", build)
 
 
 # ---------------------------------------------------------------------------- building

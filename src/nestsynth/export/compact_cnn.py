@@ -64,7 +64,7 @@ from ..errors import NestError
 from ..sparse.cnn import SparseCNN, _pool, _pooled
 from ..sparse.conv import conv_out_size
 from ..sparse.mlp import make_activation
-from .compact import FORMAT, GATHER_MIN_FRACTION, STORAGES, VERSION, CompactLinear, model_tensors
+from .compact import FORMAT, GATHER_MIN_FRACTION, STORAGES, VERSION, CompactLinear, CompactNet
 
 KIND = "cnn"
 
@@ -132,6 +132,9 @@ class CompactConv2d(nn.Module):
         """2 x MACs of the dense convolution at every output position (what runs)."""
         return 2 * self.out_features * self.in_features * self.kernel_size ** 2 * self.out_hw[0] * self.out_hw[1]
 
+    def dense_flops(self) -> int:
+        return self.executed_flops()  # the kernels always run dense
+
     def nonzero_flops(self) -> int:
         """2 x sum over kernels n of (non-zero weights of n) x (positions n computes)."""
         per_kernel = torch.count_nonzero(self.conv.weight.detach().flatten(1), dim=1).long()  # (out,)
@@ -172,7 +175,7 @@ class CompactConv2d(nn.Module):
 CNN_LAYER_TYPES: dict[str, type] = {"conv2d": CompactConv2d, "linear": CompactLinear}
 
 
-class CompactCNN(nn.Module):
+class CompactCNN(CompactNet):
     """Inference-only CNN: optional input-channel gather, conv stages, flatten, linear layers.
 
     Args:
@@ -183,21 +186,10 @@ class CompactCNN(nn.Module):
     """
 
     def __init__(self, layers, input_shape, input_index: torch.Tensor | None = None, meta: dict | None = None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
+        super().__init__(layers, input_index, meta)  # widths: read input channels, channels..., neurons...
         self.input_shape = [int(v) for v in input_shape]
         self.n_inputs = math.prod(self.input_shape)  # values per sample, as CompactMLP.n_inputs
         self.n_conv = sum(isinstance(layer, CompactConv2d) for layer in self.layers)
-        self.meta = dict(meta or {})
-        if input_index is not None:
-            self.register_buffer("input_index", input_index.to(torch.int64).contiguous())
-        else:
-            self.input_index = None
-
-    @property
-    def widths(self) -> list[int]:
-        """(read input channels, conv channels..., neurons..., classes)."""
-        return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, *input_shape) -> (B, classes)
         x = x.reshape(x.shape[0], *self.input_shape)
@@ -209,40 +201,14 @@ class CompactCNN(nn.Module):
                 x = x.flatten(1)                               # channel-major: c * H * W + p
         return x
 
-    def nnz(self) -> int:
-        return sum(layer.nnz for layer in self.layers)
-
-    def executed_flops(self) -> int:
-        return sum(layer.executed_flops() for layer in self.layers)
-
-    def nonzero_flops(self) -> int:
-        """2 x MACs of the non-zero weights (conv: at the positions each kernel computes)."""
-        return sum(layer.nonzero_flops() if isinstance(layer, CompactConv2d) else 2 * layer.nnz
-                   for layer in self.layers)
-
-    def dense_flops(self) -> int:
-        """FLOPs with every layer stored dense (the ONNX graph, :meth:`densified`)."""
-        return sum(layer.executed_flops() if isinstance(layer, CompactConv2d)
-                   else 2 * layer.in_features * layer.out_features for layer in self.layers)
-
-    def storages(self) -> list[str]:
-        return [layer.storage for layer in self.layers]
-
-    def densified(self) -> "CompactCNN":
-        """The same network with every linear layer stored dense (for ONNX and comparisons)."""
-        layers = [layer if isinstance(layer, CompactConv2d) else
-                  CompactLinear(layer.dense_weight(), layer.bias, "dense", layer.activation,
-                                {"storage": "dense", "reason": "densified copy"}) for layer in self.layers]
-        return CompactCNN(layers, self.input_shape, self.input_index, self.meta).eval()
+    def with_layers(self, layers) -> "CompactCNN":
+        return CompactCNN(layers, self.input_shape, self.input_index, self.meta)
 
     # ---- plain-data state --------------------------------------------------
     def arch(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "kind": KIND, "input_shape": self.input_shape,
                 "n_inputs": self.n_inputs, "input_gather": self.input_index is not None,
                 "layers": [layer.spec() for layer in self.layers], "meta": self.meta}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return model_tensors(self)
 
     @classmethod
     def from_state(cls, arch: dict, tensors: dict[str, torch.Tensor]) -> "CompactCNN":
@@ -251,28 +217,11 @@ class CompactCNN(nn.Module):
         Raises:
             NestError: unknown format, version or layer type; missing or inconsistent tensors.
         """
-        if not isinstance(arch, dict) or arch.get("format") != FORMAT or arch.get("kind") != KIND:
-            raise NestError("the file is not a nestsynth compact CNN (its format tag is missing).")
-        if arch.get("version") != VERSION:
-            raise NestError(f"compact model version {arch.get('version')!r} is not supported "
-                            f"(this nestsynth reads version {VERSION}).")
-        try:
-            layers = []
-            for i, spec in enumerate(arch["layers"]):
-                kind = CNN_LAYER_TYPES.get(spec.get("type"))
-                if kind is None:
-                    raise NestError(f"unknown layer type {spec.get('type')!r} in the compact CNN; "
-                                    f"known: {', '.join(CNN_LAYER_TYPES)}.")
-                layers.append(kind.from_state(spec, tensors, f"layers.{i}"))
-            index = tensors["input_index"] if arch.get("input_gather") else None
+        def build(layers, index):
             _check_chain(layers, [int(v) for v in arch["input_shape"]], index)
-            model = cls(layers, arch["input_shape"], index, arch.get("meta"))
-        except NestError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
-            raise NestError("the compact model's tensors do not match its architecture description "
-                            "(missing or inconsistent).") from None
-        return model.eval()
+            return cls(layers, arch["input_shape"], index, arch.get("meta"))
+
+        return cls.rebuild(arch, tensors, CNN_LAYER_TYPES, "compact CNN", build, kind=KIND)
 
 
 def _check_chain(layers: list, input_shape: list[int], index: torch.Tensor | None) -> None:

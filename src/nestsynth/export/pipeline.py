@@ -185,8 +185,8 @@ def dense_fallback(masked, compact, decisions: list[dict], X: torch.Tensor, tole
         layer = compact.layers[j]
         reason = (f"{layer.choice.get('reason', 'CSR')}; stored dense instead: with CSR the outputs differed "
                   f"from the masked model's by {diff:.3g} (tolerance {tolerance:g})")
-        choice = {**layer.choice, "storage": "dense", "reason": reason, "csr_fallback": True}
-        compact.layers[j] = CompactLinear(layer.dense_weight(), layer.bias, "dense", layer.activation, choice)
+        compact.layers[j] = layer.as_dense({**layer.choice, "storage": "dense", "reason": reason,
+                                            "csr_fallback": True})
         decisions[j].update(storage="dense", reason=reason, csr_fallback=True)
         switched.append(decisions[j].get("name", f"fc{j + 1}"))
         diff = max_abs_difference(masked, compact, X)
@@ -263,8 +263,8 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
         result["check_passed"] = bool(diff < tolerance)
         if not result["check_passed"]:
             top = _max_abs_output(src.model, X)
-            spacing = math.ulp(top) if math.isfinite(top) else float("nan")
-            spacing32 = spacing * 2.0 ** 29  # float32 has 29 fewer mantissa bits than float64
+            t32 = torch.tensor(top, dtype=torch.float32)
+            spacing32 = float(torch.nextafter(t32, torch.tensor(math.inf)) - t32)  # float32 step at |y| = top
             raise NestError(f"export check failed: the compact model's outputs differ from the masked model's "
                             f"by up to {diff:.3g} (tolerance {tolerance:g}; the outputs reach {top:.3g}, where "
                             f"float32 numbers are {spacing32:.2g} apart, so this is {diff / spacing32:.0f} "
@@ -277,8 +277,8 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
         result["artifact"] = str(path)
         result["files"] = _sizes(files)
         result["source_model_bytes"] = src.model_file.stat().st_size
-        result["nnz_flops"] = _nonzero_flops(compact)
-        result["executed_flops"] = compact.executed_flops() if fmt != "onnx" else _dense_flops(compact)
+        result["nnz_flops"] = compact.nonzero_flops()
+        result["executed_flops"] = compact.executed_flops() if fmt != "onnx" else compact.dense_flops()
         result["seconds"] = round(time.perf_counter() - started, 3)
         result["threads"] = torch.get_num_threads()
         report_file = path.with_name(path.name + ".export.json")  # compact.pt.export.json
@@ -345,16 +345,6 @@ def evaluate_artifact(path: str | Path, dataset: str | None = None, data_dir: st
 
 
 # ---------------------------------------------------------------------------- bench-infer
-
-
-def _nonzero_flops(compact) -> int:
-    """2 x MACs of the compact model's non-zero weights (CNN: at the positions computed)."""
-    return compact.nonzero_flops() if isinstance(compact, CompactCNN) else 2 * compact.nnz()
-
-
-def _dense_flops(compact) -> int:
-    """FLOPs of the compact model with every layer dense (its ONNX graph)."""
-    return compact.dense_flops() if isinstance(compact, CompactCNN) else dense_flops(compact.widths)
 
 
 def reference_cnn(src: Source, seed: int = 0) -> SparseCNN:
@@ -499,7 +489,7 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
                     ("compact (PyTorch)", compact, compact.executed_flops(), compact.widths,
                      "storage " + "/".join(compact.storages()))]
         if "csr" in compact.storages():
-            variants.append(("compact, all dense", compact.densified(), _dense_flops(compact),
+            variants.append(("compact, all dense", compact.densified(), compact.dense_flops(),
                              compact.widths, "same widths, no CSR"))
         onnx_file, onnx_note = None, None
         if _onnx_available():
@@ -514,11 +504,11 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
                 else:
                     runner = OnnxModel(onnx_bytes(compact), threads)
                     onnx_note = "converted in memory from the artifact"
-            variants.append(("ONNX (onnxruntime)", runner, _dense_flops(compact), compact.widths,
+            variants.append(("ONNX (onnxruntime)", runner, compact.dense_flops(), compact.widths,
                              onnx_note or f"{onnx_file}"))
         else:
             onnx_note = "skipped: onnxruntime not installed (pip install 'nestsynth[onnx]')"
-        nnz_flops = _nonzero_flops(compact)
+        nnz_flops = compact.nonzero_flops()
         g = torch.Generator().manual_seed(0)
         inputs = {b: torch.rand(b, *shape, generator=g) for b in batch_sizes}
         rows = []

@@ -130,27 +130,30 @@ def random_feature_map(model, h: int, density: float, generator: torch.Generator
 
 
 # ---- exact loss of a model with extra maps -----------------------------------------
-def _new_map_post(model, h: int, u: torch.Tensor) -> torch.Tensor:
-    """hidden_post for a new channel (B, 1, H, W): BN with the entries append_units installs
-    (eval: u / sqrt(1 + eps)), activation, pooling; flattened (B, flat_size) after the last conv."""
+def new_map_output(model, h: int, x_h: torch.Tensor, w_in: torch.Tensor) -> torch.Tensor:
+    """What a new map with kernels ``w_in`` feeds layer h+1: its convolution of layer h's
+    input ``x_h``, then hidden_post for a new channel (B, 1, H, W): BN with the entries
+    append_units installs (eval: u / sqrt(1 + eps)), activation, pooling; flattened
+    (B, flat_size) after the last conv."""
+    src = model.layers[h]
+    u = F.conv2d(x_h, w_in, None, src.stride, src.padding)
     if model.norms:
         u = u / math.sqrt(1.0 + model.norms[h].eps)
     u = model.pools[h](model.acts[h](u))
     return u.flatten(1) if h == model.n_conv - 1 else u
 
 
-def map_contribution(model, h: int, x_h: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
-    """The change of layer h+1's output u_{h+1} when the map (w_in, w_out) is added to layer h.
+def map_contribution(model, h: int, post: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """The change of layer h+1's output u_{h+1} when a map of layer h is added.
 
     Args:
-        x_h: layer h's input (B, in_h, H, W).
-        w_in: (1, in_h, k, k); w_out: as :func:`random_feature_map` returns.
+        post: the map's output (:func:`new_map_output`).
+        w_out: its outgoing weights, as :func:`random_feature_map` returns them.
 
     Returns:
         (B, out_{h+1}, H', W') for a conv layer h+1 (area mask applied), else (B, out_{h+1}).
     """
-    src, nxt = model.layers[h], model.layers[h + 1]
-    post = _new_map_post(model, h, F.conv2d(x_h, w_in, None, src.stride, src.padding))
+    nxt = model.layers[h + 1]
     if isinstance(nxt, MaskedConv2d):
         extra = F.conv2d(post, w_out, None, nxt.stride, nxt.padding)
         return extra if bool(nxt.area.all()) else extra * nxt.area
@@ -168,17 +171,21 @@ def forward_from(model, i: int, u: torch.Tensor) -> torch.Tensor:
 
 
 def loss_gradient(model, h: int, u_next: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """delta = dL/du_{h+1}: the gradient of the mean cross-entropy with respect to layer
-    h+1's output (eval mode), the error signal a new map of layer h feeds into."""
+    """The error signal a new map of layer h feeds into: dL/du_{h+1} (mean cross-entropy,
+    eval mode), times layer h+1's area mask when it is a convolution (a contribution
+    :func:`map_contribution` adds is masked the same way)."""
     with torch.enable_grad():
         u = u_next.detach().requires_grad_(True)
         loss = F.cross_entropy(forward_from(model, h + 1, u), y)
-        return torch.autograd.grad(loss, u)[0]
+        delta = torch.autograd.grad(loss, u)[0]
+    nxt = model.layers[h + 1]
+    return delta * nxt.area if isinstance(nxt, MaskedConv2d) and not bool(nxt.area.all()) else delta
 
 
-def gradient_outgoing(model, h: int, x_h: torch.Tensor, w_in: torch.Tensor, delta: torch.Tensor,
-                      count: int, bound: float) -> torch.Tensor:
-    """Outgoing weights of a new map with kernels ``w_in`` along the negative loss gradient.
+def gradient_outgoing(model, h: int, post: torch.Tensor, delta: torch.Tensor, count: int,
+                      bound: float) -> torch.Tensor:
+    """Outgoing weights of a new map with output ``post`` (:func:`new_map_output`) along the
+    negative loss gradient (``delta``: :func:`loss_gradient`).
 
     G = dL/dw_out at w_out = 0 (the map's output does not change the loss yet), computed
     explicitly; the ``count`` positions of largest |G| get -G, scaled so their mean
@@ -187,11 +194,9 @@ def gradient_outgoing(model, h: int, x_h: torch.Tensor, w_in: torch.Tensor, delt
     Returns:
         w_out with the shape :func:`random_feature_map` gives.
     """
-    src, nxt = model.layers[h], model.layers[h + 1]
-    post = _new_map_post(model, h, F.conv2d(x_h, w_in, None, src.stride, src.padding))
+    nxt = model.layers[h + 1]
     if isinstance(nxt, MaskedConv2d):
-        d = delta if bool(nxt.area.all()) else delta * nxt.area
-        g = torch.nn.grad.conv2d_weight(post, _out_shape(model, h), d, nxt.stride, nxt.padding)
+        g = torch.nn.grad.conv2d_weight(post, _out_shape(model, h), delta, nxt.stride, nxt.padding)
     else:
         g = delta.T @ post
     flat = g.flatten()
@@ -265,9 +270,10 @@ def grow_feature_maps(model, h: int, n_maps: int, X: torch.Tensor, y: torch.Tens
                 delta = loss_gradient(model, h, u_next + total, y) if out_init == "gradient" else None
                 for _ in range(candidates):
                     w_in, w_out = random_feature_map(model, h, density, generator, scale)
+                    post = new_map_output(model, h, x_h, w_in)
                     if delta is not None:
-                        w_out = gradient_outgoing(model, h, x_h, w_in, delta, count, a_out)
-                    extra = map_contribution(model, h, x_h, w_in, w_out)
+                        w_out = gradient_outgoing(model, h, post, delta, count, a_out)
+                    extra = map_contribution(model, h, post, w_out)
                     cands.append((w_in, w_out))
                     losses.append(loss_of(total + extra))
                     extras.append(extra)

@@ -115,8 +115,6 @@ def append_units(model, h: int, w_in: torch.Tensor, w_out: torch.Tensor,
     """
     src, dst = model.layers[h], model.layers[h + 1]
     k = w_in.shape[0]
-    if warm:
-        n_src, n_dst = src.weight.shape[0], dst.weight.shape[1]
     _append(src.weight, optimizer, w_in, 0)
     _append(src.bias, optimizer, torch.zeros(k) if bias is None else bias, 0)
     _append(src.mask, None, (w_in != 0).float(), 0)
@@ -131,15 +129,13 @@ def append_units(model, h: int, w_in: torch.Tensor, w_out: torch.Tensor,
         _append(bn.running_mean, None, torch.zeros(k), 0)
         _append(bn.running_var, None, torch.ones(k), 0)
         bn.num_features += k
-    if warm:
-        for param, dim, start in ((src.weight, 0, n_src), (src.bias, 0, n_src), (dst.weight, 1, n_dst)):
-            new = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
-            new.narrow(dim, start, param.shape[dim] - start).fill_(True)
-            if param is dst.weight:
-                new &= dst.mask.bool()
-            elif param is src.weight:
-                new &= src.mask.bool()
-            warm_second_moment(param, optimizer, new)
+    if warm:  # the new units: the last k rows of src, the last k input channels/columns of dst
+        new_rows = torch.arange(src.bias.shape[0], device=src.bias.device) >= src.bias.shape[0] - k
+        warm_second_moment(src.bias, optimizer, new_rows)
+        warm_second_moment(src.weight, optimizer, src.mask.bool() & new_rows.view(-1, *[1] * (src.mask.dim() - 1)))
+        new_cols = torch.zeros_like(dst.mask, dtype=torch.bool)
+        new_cols[:, dst.mask.shape[1] - w_out.shape[1]:] = True
+        warm_second_moment(dst.weight, optimizer, dst.mask.bool() & new_cols)
 
 
 def set_mask(layer, new_mask: torch.Tensor, optimizer=None, warm: bool = False) -> None:
