@@ -356,12 +356,12 @@ def test_npz_images_with_test(tmp_path):
         X=rng.random((20, 1, 4, 4)),
         y=np.arange(20, dtype=np.uint8) % 3,
         X_test=rng.random((7, 1, 4, 4)).astype(np.float32),
-        y_test=np.full(7, 5.0),
+        y_test=np.full(7, 2.0),
     )
     bundle = load_dataset(f"npz:{path}", val_fraction=0)
     assert bundle.input_shape == (1, 4, 4) and bundle.is_image and bundle.val is None
-    assert bundle.num_classes == 6 and len(bundle.train) == 20 and len(bundle.test) == 7
-    assert bundle.test.y.tolist() == [5] * 7
+    assert bundle.num_classes == 3 and len(bundle.train) == 20 and len(bundle.test) == 7
+    assert bundle.test.y.tolist() == [2] * 7
 
 
 def _bad(**arrays):

@@ -12,6 +12,7 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from .config import Config
 from .data import DataBundle, Dataset, load_dataset, split_validation
+from .data.base import check_features, check_labels, check_training_size, count_classes
 from .errors import NestError
 from .registry import CNNSpec, ModelSpec, get_model, in_features_of
 from .sparse import SparseCNN, SparseMLP, cnn_from_sequential, from_sequential
@@ -23,26 +24,37 @@ DataLike = Any  # (X, y) tensors, a torch Dataset, or a nestsynth Dataset
 def as_dataset(data: DataLike, what: str) -> Dataset:
     """Convert ``(X, y)`` or a map-style torch Dataset of (x, y) pairs to tensors.
 
+    Inputs and labels are checked as strictly as the npz loader checks its arrays
+    (numeric and finite inputs; integer labels >= 0).
+
     Raises:
-        NestError: for anything else, or X and y of different lengths.
+        NestError: for anything else, X and y of different lengths, no samples, NaN or
+            infinite inputs, negative, fractional or huge labels.
     """
     if isinstance(data, Dataset):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        X, y = (torch.as_tensor(t) for t in data)
+        X, y = data.X, data.y
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        try:
+            X, y = (torch.as_tensor(t) for t in data)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise NestError(f"the {what} data must be numeric tensors or arrays ({str(exc)[:80]}).") from None
     elif isinstance(data, torch.utils.data.Dataset):
         try:
             items = [data[i] for i in range(len(data))]
+            X = torch.stack([torch.as_tensor(x) for x, _ in items]) if items else torch.zeros(0, 1)
+            y = torch.as_tensor([t for _, t in items]).reshape(-1)
         except TypeError:
-            raise NestError(f"the {what} data must be a map-style Dataset with a length.") from None
-        X = torch.stack([torch.as_tensor(x) for x, _ in items])
-        y = torch.as_tensor([int(t) for _, t in items])
+            raise NestError(f"the {what} data must be a map-style Dataset of (x, y) pairs with a length.") from None
+        except (ValueError, RuntimeError) as exc:
+            raise NestError(f"the {what} Dataset's samples are not numeric tensors of one shape "
+                            f"({str(exc)[:80]}).") from None
     else:
         raise NestError(f"the {what} data must be a tuple (X, y) of tensors or a torch Dataset, "
                         f"got {type(data).__name__}.")
-    if len(X) != len(y):
-        raise NestError(f"the {what} data has {len(X)} inputs but {len(y)} labels.")
-    return Dataset(X.float(), y.long())
+    if X.ndim < 1 or y.ndim < 1 or len(X) != len(y):
+        raise NestError(f"the {what} data has {len(X) if X.ndim else 0} inputs but {len(y) if y.ndim else 0} "
+                        "labels.")
+    return Dataset(check_features(X, f"the {what} data (X)"), check_labels(y, f"the {what} data (y)"))
 
 
 def bundle_from(train: DataLike, val: DataLike | None, test: DataLike | None, cfg: Config) -> DataBundle:
@@ -50,14 +62,15 @@ def bundle_from(train: DataLike, val: DataLike | None, test: DataLike | None, cf
     tr = as_dataset(train, "training")
     va = as_dataset(val, "validation") if val is not None else None
     te = as_dataset(test, "test") if test is not None else None
-    if va is None:
-        tr, va = split_validation(tr, cfg.data.val_fraction, cfg.data.split_seed)
     shape = tuple(tr.X.shape[1:])
     for part, name in ((va, "validation"), (te, "test")):
         if part is not None and tuple(part.X.shape[1:]) != shape:
             raise NestError(f"the {name} inputs have shape {tuple(part.X.shape[1:])} but the "
                             f"training inputs have {shape}.")
-    classes = 1 + max(int(p.y.max()) for p in (tr, va, te) if p is not None and len(p))
+    classes = count_classes(tr, [va, te], "the training data")  # before the split: every class in train
+    if va is None:
+        tr, va = split_validation(tr, cfg.data.val_fraction, cfg.data.split_seed)
+    check_training_size(tr, classes, "the data")
     return DataBundle("user", tr, va, te, shape, classes)
 
 

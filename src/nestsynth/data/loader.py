@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nestsynth.data.base import DataBundle, Dataset, check_fraction, split_validation
+from nestsynth.data.base import DataBundle, Dataset, check_fraction, check_training_size, split_validation
 from nestsynth.data.cifar10 import load_cifar10
 from nestsynth.data.digits import load_digits
 from nestsynth.data.mnist import load_mnist
@@ -62,4 +62,6 @@ def load_dataset(
     else:
         raise NestError(f"unknown dataset {name!r}; valid names are {', '.join(DATASETS)}.")
     train, val = split_validation(train, fraction, split_seed)
+    if key.startswith("npz:"):  # the built-in sets are checked by their loaders
+        check_training_size(train, classes, key)
     return DataBundle(key, train, val, test, shape, classes)

@@ -14,7 +14,6 @@ import http.client
 import os
 import pathlib
 import struct
-import tempfile
 import urllib.request
 import zlib
 
@@ -174,15 +173,10 @@ def _fetch(url: str, timeout: float) -> bytes:
 
 
 def _write_atomic(target: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` via a temporary file and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``target`` via a temporary file and ``os.replace`` (user's umask)."""
+    from nestsynth.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(target, data)
 
 
 def _download_one(folder: pathlib.Path, base: str) -> str | None:

@@ -6,6 +6,7 @@ labels); ``X_test`` and ``y_test`` are optional but come together.
 
 from __future__ import annotations
 
+import math
 import pathlib
 import zipfile
 import zlib
@@ -13,7 +14,7 @@ import zlib
 import numpy as np
 import torch
 
-from nestsynth.data.base import Dataset
+from nestsynth.data.base import Dataset, check_features, check_fits, check_labels, count_classes
 from nestsynth.errors import NestError
 
 KEYS = ("X", "y", "X_test", "y_test")
@@ -30,6 +31,7 @@ def _read_arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
         archive = np.load(path, allow_pickle=False)
         if not hasattr(archive, "files"):
             raise ValueError("a single .npy array, not an archive")
+        _check_sizes(path)
         with archive:
             return {key: np.asarray(archive[key]) for key in KEYS if key in archive.files}
     except _LOAD_ERRORS as exc:
@@ -39,36 +41,42 @@ def _read_arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
         ) from None
 
 
+def _check_sizes(path: pathlib.Path) -> None:
+    """Refuse arrays that cannot fit in memory, from their .npy headers (nothing is read).
+
+    A compressed archive can hold an array of zeros far larger than the file; it needs
+    its own bytes plus a float32 copy.
+    """
+    need, largest = 0, ("X", 0)
+    with zipfile.ZipFile(path) as zf:
+        for key in KEYS:
+            if f"{key}.npy" not in zf.namelist():
+                continue
+            with zf.open(f"{key}.npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(fh, max_header_size=100_000) if version != (1, 0) else read(fh)
+            count = math.prod(shape)
+            need += count * (dtype.itemsize + 4)
+            largest = max(largest, (key, count), key=lambda kv: kv[1])
+    check_fits(need, f"{path} (array {largest[0]} holds {largest[1]:,} values)",
+               "use a smaller data set or split it")
+
+
 def _features(X: np.ndarray, key: str, path: pathlib.Path) -> torch.Tensor:
     """Validate and convert an input array to float32."""
     if X.dtype.kind not in "biuf":
         raise NestError(f"array {key} in {path} has dtype {X.dtype}; it must be numeric.")
-    if X.ndim < 2 or X.shape[0] == 0:
-        raise NestError(
-            f"array {key} in {path} has shape {X.shape}; it must be (N, features...) with N >= 1."
-        )
-    X = X.astype(np.float32)
-    if not np.isfinite(X).all():
-        raise NestError(f"array {key} in {path} holds NaN or infinite values; all must be finite.")
-    return torch.from_numpy(X)
+    return check_features(torch.from_numpy(X.astype(np.float32)), f"array {key} in {path}")
 
 
 def _labels(y: np.ndarray, key: str, path: pathlib.Path) -> torch.Tensor:
     """Validate and convert a label array to int64."""
-    if y.ndim != 1:
-        raise NestError(f"array {key} in {path} has shape {y.shape}; labels must be 1-D.")
-    integral = y.dtype.kind in "biu" or (
-        y.dtype.kind == "f" and bool(np.isfinite(y).all()) and bool((y == np.round(y)).all())
-    )
-    if not integral:
-        raise NestError(
-            f"array {key} in {path} holds non-integer labels; labels must be integers >= 0."
-        )
-    if y.size and y.min() < 0:
-        raise NestError(
-            f"array {key} in {path} holds negative labels; labels must be integers >= 0."
-        )
-    return torch.from_numpy(y.astype(np.int64))
+    what = f"array {key} in {path}"
+    if y.dtype.kind not in "biuf":
+        raise NestError(f"{what} holds non-integer labels; labels must be integers >= 0.")
+    return check_labels(torch.from_numpy(y.astype(np.float64 if y.dtype.kind in "uf" else np.int64)), what)
 
 
 def _pair(arrays: dict, xk: str, yk: str, path: pathlib.Path) -> Dataset:
@@ -113,5 +121,4 @@ def load_npz(path: str) -> tuple[Dataset, Dataset | None, tuple[int, ...], int]:
             f"{file} has samples of shape {tuple(test.X.shape[1:])} in X_test but {shape} in X; "
             "they must match."
         )
-    top = max(int(part.y.max()) for part in (train, test) if part is not None)
-    return train, test, shape, top + 1
+    return train, test, shape, count_classes(train, [test], str(file))
