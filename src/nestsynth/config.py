@@ -210,7 +210,10 @@ def _section_types(cls: type) -> dict[str, Any]:
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check ``value`` against the annotated type, converting ints to floats."""
+    """Check ``value`` against the annotated type, converting ints to floats; floats must be
+    finite and ints must fit in 64 bits."""
+    import math
+
     if get_origin(typ) is Union:
         typ = next(t for t in get_args(typ) if t is not type(None))
     if typ is list or get_origin(typ) is list:  # list[int] etc.: check every element
@@ -219,7 +222,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         (item,) = get_args(typ) or (Any,)
         return value if item is Any else [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**1023 else math.inf
+    if typ is float and isinstance(value, float) and not math.isfinite(value):
+        raise NestError(f"config key {key!r} must be a finite number, got {value!r}.")
+    if typ is int and isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise NestError(f"config key {key!r} must fit in 64 bits (-2**63 .. 2**63-1), got {value}.")
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
