@@ -96,6 +96,7 @@ class GrowthConfig:
     adam_warm: bool = False  # grown weights start with the layer's mean Adam second moment, not zero
     map_out: str = "gradient"  # a new map's outgoing weights: gradient (along -dL/dw_out) or random
     map_scale: str = "default"  # candidate kernels: default (PyTorch's 1/sqrt(fan_in)) or layer (the layer's |w|)
+    max_epochs: int = 0  # growth ends before it would spend more epochs than this (dense reference included); 0 = no cap
 
 
 @dataclass
@@ -121,6 +122,13 @@ class PruningConfig:
     final_lr_scale: float = 0.1
     area: bool = True  # CNNs: partial-area convolution (Algorithm 2) in every pruning iteration
     area_rate: float = 0.01  # gamma: share of each conv layer's live output positions removed per iteration
+    scope: str = "layer"  # layer: every layer loses the same share (Policy 4); global: one |W*| ranking over all layers
+    target_weights: int = 0  # > 0: prune on a cubic size schedule to this many connections (see README)
+    budget_epochs: int = 0  # with target_weights: epochs of the whole synthesis (dense reference included); 0 = none
+    schedule_share: float = 0.75  # with target_weights: share of the pruning iterations over which the size falls
+    lr_schedule: str = "cycle"  # cycle: each retraining is one cosine cycle; phase: one cosine over the pruning phase
+    guard: str = "warn"  # with target_weights: above the validation bound, warn (go on) or stop (keep the last good model)
+    rewire: float = 0.0  # share of live connections dropped (smallest |W*|) and regrown (largest |dL/dw|) per iteration
 
 
 @dataclass
@@ -380,6 +388,14 @@ def validate(cfg: Config) -> None:
     _check(p.neuron_threshold >= 0, "pruning.neuron_threshold", p.neuron_threshold, "non-negative")
     _check(p.final_lr_scale > 0, "pruning.final_lr_scale", p.final_lr_scale, "positive")
     _check(0 <= p.area_rate < 1, "pruning.area_rate", p.area_rate, "in [0, 1)")
+    _check(p.scope in ("layer", "global"), "pruning.scope", p.scope, "layer or global")
+    _check(p.target_weights >= 0, "pruning.target_weights", p.target_weights, ">= 0 (0: no size target)")
+    _check(p.budget_epochs >= 0, "pruning.budget_epochs", p.budget_epochs, ">= 0 (0: no budget)")
+    _check(0 < p.schedule_share <= 1, "pruning.schedule_share", p.schedule_share, "in (0, 1]")
+    _check(p.lr_schedule in ("cycle", "phase"), "pruning.lr_schedule", p.lr_schedule, "cycle or phase")
+    _check(p.guard in ("warn", "stop"), "pruning.guard", p.guard, "warn or stop")
+    _check(0 <= p.rewire < 1, "pruning.rewire", p.rewire, "in [0, 1)")
+    _check(g.max_epochs >= 0, "growth.max_epochs", g.max_epochs, ">= 0 (0: no cap)")
     _check(g.feature_maps_per_step >= 0, "growth.feature_maps_per_step", g.feature_maps_per_step, ">= 0")
     _check(g.map_candidates >= 1, "growth.map_candidates", g.map_candidates, ">= 1")
     _check(0 <= g.map_density <= 1, "growth.map_density", g.map_density, "in [0, 1]")

@@ -26,8 +26,8 @@ from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_
                      grow_neurons)
 from .growth.scores import scan_indices
 from .metrics import activation_density, layer_table, totals
-from .pruning import (constant_rate_removal, cubic_removal, effective_scores, neurons_to_keep,
-                      output_statistics, prune_smallest, remove_neurons)
+from .pruning import (constant_rate_removal, cubic_count, effective_scores, neurons_to_keep, output_statistics,
+                      prune_smallest_global, remove_neurons, split_removal)
 from .registry import CNNSpec, ModelSpec
 from .seeds import make_seed
 from .sparse import SparseMLP, append_units, model_from_arch, set_mask
@@ -57,6 +57,10 @@ class LoopState:
     frozen: list = field(default_factory=list)  # layers no longer pruned (pruning.layer_rest)
     rate_scale: float = 1.0  # multiplies pruning.rate and area_rate; halved per back-off (pruning.backoff)
     epochs: int = 0  # training epochs spent (dense reference included): the budget
+    prune_start: int = 0  # live connections when the size schedule started
+    prune_iterations: int = 0  # pruning iterations planned (size schedule, budget); 0 = until rest
+    stop_reason: str | None = None  # why pruning ended: bound, target, iterations, floor
+    kept_iteration: int | None = None  # the pruning iteration whose model was kept (None: post-growth)
     history: list = field(default_factory=list)
 
 
@@ -179,7 +183,8 @@ class Synthesis:
         loss = self._train(self.model, self.optimizer, g.epochs_per_iteration, self.generator,
                            f"growth {st.iteration}")
         val = self._val()
-        if val <= st.target or st.iteration + 1 >= g.max_iterations:
+        capped = g.max_epochs > 0 and st.epochs + g.epochs_per_iteration > g.max_epochs
+        if val <= st.target or st.iteration + 1 >= g.max_iterations or capped:
             st.reached = val <= st.target
             self._log("growth", st.iteration, val=val, loss=loss, seconds=time.monotonic() - t0)
             self._enter_pruning(val)
@@ -199,39 +204,90 @@ class Synthesis:
         st.accepted_val = val
         self.accepted = self._model_state()
         st.phase, st.iteration = ("pruning" if self.cfg.pruning.enabled else "finetune"), 0
+        st.prune_start, st.prune_iterations = self._plan_pruning()
+
+    def _plan_pruning(self) -> tuple[int, int]:
+        """(live connections at the start, pruning iterations planned; 0 = until rest).
+
+        With ``pruning.target_weights`` the iterations are those the budget leaves after
+        growth and fine-tuning (``budget_epochs``), else ``schedule_steps``; the cubic
+        schedule of ``pruning.schedule = "cubic"`` runs ``schedule_steps`` iterations.
+        ``max_iterations`` caps both.
+        """
+        p, st = self.cfg.pruning, self.state
+        start = self.model.active_weights()
+        if p.target_weights > 0 and p.budget_epochs > 0:
+            left = p.budget_epochs - st.epochs - p.final_epochs
+            planned = max(1, left // max(p.retrain_epochs, 1))
+        elif p.target_weights > 0 or p.schedule == "cubic":
+            planned = p.schedule_steps
+        else:
+            return start, 0
+        return start, min(planned, p.max_iterations)
+
+    def _size_goal(self, t: int) -> int | None:
+        """Live connections wanted after pruning step t; None under the constant rate."""
+        p, st = self.cfg.pruning, self.state
+        if p.target_weights > 0:
+            steps = max(1, round(st.prune_iterations * p.schedule_share))
+            return cubic_count(t, st.prune_start, min(p.target_weights, st.prune_start), steps)
+        if p.schedule == "cubic":  # final_sparsity of the connections live when pruning starts
+            return cubic_count(t, st.prune_start, round(st.prune_start * (1 - p.final_sparsity)), p.schedule_steps)
+        return None
 
     def _pruning_step(self) -> None:
+        """One pruning iteration: prune, retrain, then accept or reject by the validation bound.
+
+        Under a size target (``pruning.target_weights``) every iteration is kept: the bound
+        only warns, or with ``guard = "stop"`` ends the phase at the last model within it.
+        An iteration that had nothing to remove (the size schedule already met, or every
+        layer at its floor) is a retraining step, not a rejection.
+        """
         st, p = self.state, self.cfg.pruning
         t0 = time.monotonic()
-        removed, neurons_removed = self._prune()
+        removed, neurons_removed, rewired = self._prune()
+        window = (st.iteration * p.retrain_epochs, st.prune_iterations * p.retrain_epochs) \
+            if p.lr_schedule == "phase" and st.prune_iterations else None
         loss = self._train(self.model, self.optimizer, p.retrain_epochs, self.generator, f"pruning {st.iteration}",
-                           p.lr_scale)
+                           p.lr_scale, window)
         val = self._val()
-        for _ in range(p.recover_epochs if val > st.bound else 0):
+        sized = p.target_weights > 0
+        for _ in range(p.recover_epochs if val > st.bound and not sized else 0):
             loss = self._train(self.model, self.optimizer, 1, self.generator, "recovery", p.lr_scale)
             val = self._val()
             if val <= st.bound:
                 break
-        accepted = val <= st.bound and removed + sum(neurons_removed) + getattr(self, "area_removed", 0) > 0
+        nothing = removed + sum(neurons_removed) + getattr(self, "area_removed", 0) == 0
+        accepted = val <= st.bound or (sized and p.guard == "warn")
         extra = {"pruned_area": self.area_removed} if self.spec is not None else {}
         if p.backoff:
             extra["rate_scale"] = st.rate_scale
+        if rewired:
+            extra["rewired"] = rewired
         self._log("pruning", st.iteration, val=val, loss=loss, seconds=time.monotonic() - t0,
                   pruned_connections=removed, pruned_neurons=neurons_removed, accepted=accepted, **extra)
         if accepted:
-            self.accepted, st.accepted_val = self._model_state(), val
+            self.accepted, st.accepted_val, st.kept_iteration = self._model_state(), val, st.iteration
         st.iteration += 1
         if not accepted:
             self._load_model_state(self.accepted)  # back to the last accepted model
-            if p.schedule == "constant" and st.rate_scale > 0.5 ** p.backoff and st.iteration < p.max_iterations:
+            if p.schedule == "constant" and not sized and st.rate_scale > 0.5 ** p.backoff \
+                    and st.iteration < p.max_iterations:
                 st.rate_scale /= 2  # smaller steps from the last accepted model
                 return
-            if p.layer_rest and self._freeze_smallest_layer():
+            if p.layer_rest and not sized and self._freeze_smallest_layer():
                 st.history[-1]["frozen"] = list(st.frozen)
                 return
-            st.phase = "finetune"  # comes to rest
+            self._end_pruning("bound")  # comes to rest
+        elif st.prune_iterations and st.iteration >= st.prune_iterations:
+            self._end_pruning("target" if sized else "schedule")
+        elif nothing and st.prune_iterations == 0:
+            self._end_pruning("floor")  # the constant rate has nothing left to remove
         elif st.iteration >= p.max_iterations:
-            st.phase = "finetune"
+            self._end_pruning("iterations")
+
+    def _end_pruning(self, reason: str) -> None:
+        self.state.stop_reason, self.state.phase = reason, "finetune"
 
     def _freeze_smallest_layer(self) -> bool:
         """Stop pruning the smallest layer still being pruned; False when none is left.
@@ -332,24 +388,20 @@ class Synthesis:
                           "random": sum(st["mean_random_reduction"] for st in stats)})
         return grown
 
-    def _prune(self) -> tuple[int, list[int]]:
-        """One pruning step: smallest effective weights per layer, then weak neurons."""
+    def _prune(self) -> tuple[int, list[int], int]:
+        """One pruning step: the smallest effective weights (per layer or over the whole
+        network, ``pruning.scope``), optional rewiring, then weak neurons.
+
+        Returns:
+            (connections removed, units removed per hidden layer, connections rewired).
+        """
         p, st, model = self.cfg.pruning, self.state, self.model
-        removed = 0
-        for i, layer in enumerate(model.layers):
-            if i in st.frozen:
-                continue
-            active = layer.active_connections()
-            if p.schedule == "cubic":
-                n = cubic_removal(st.iteration, active, st.post_growth_layers[i], p.final_sparsity,
-                                  p.schedule_steps, p.min_weights)
-            else:
-                n = constant_rate_removal(active, p.rate * st.rate_scale, p.min_weights)
-            new = prune_smallest(effective_scores(model, i), layer.mask, n)
-            removed += int(layer.mask.sum() - new.sum())
-            set_mask(layer, new, self.optimizer)
+        before = model.active_weights()
+        self._prune_connections(self._removal_counts())
+        rewired = self._rewire() if p.rewire > 0 else 0
+        removed = before - model.active_weights()
         if self.spec is not None:
-            return removed, self._prune_cnn_units()
+            return removed, self._prune_cnn_units(), rewired
         neurons = [0] * model.n_hidden
         if p.neurons:
             X, _ = self._score_data()
@@ -358,7 +410,80 @@ class Synthesis:
                 keep = neurons_to_keep(out_abs[h], model.layers[h].mask, model.layers[h + 1].mask,
                                        p.neuron_threshold)
                 neurons[h] = remove_neurons(model, h, keep, out_mean[h], self.optimizer)
-        return removed, neurons
+        return removed, neurons, rewired
+
+    def _removal_counts(self) -> list[int] | int:
+        """Connections to remove now: one count per layer (layer scope) or one for the
+        whole network (global scope).  The constant rate takes ``rate`` of every live
+        layer (Policy 4); a size schedule removes what is above its goal."""
+        p, st, model = self.cfg.pruning, self.state, self.model
+        active = [layer.active_connections() for layer in model.layers]
+        floors = self._floors(active)
+        goal = self._size_goal(st.iteration)
+        if goal is None:
+            counts = [0 if i in st.frozen else constant_rate_removal(a, p.rate * st.rate_scale, p.min_weights)
+                      for i, a in enumerate(active)]
+            return sum(counts) if p.scope == "global" else counts
+        total = max(0, sum(active) - goal)
+        return total if p.scope == "global" else split_removal(total, active, floors)
+
+    def _floors(self, active: list[int]) -> list[int]:
+        """The least each layer keeps: ``min_weights``, or all of a frozen layer."""
+        return [a if i in self.state.frozen else min(self.cfg.pruning.min_weights, a) for i, a in enumerate(active)]
+
+    def _prune_connections(self, counts: list[int] | int, exclude_grad: bool = False) -> list[torch.Tensor]:
+        """Remove the smallest |W*|: ``counts[i]`` in layer i, or ``counts`` over all layers.
+
+        Returns:
+            The masks before the removal (the rewiring step needs them).
+        """
+        model = self.model
+        old = [layer.mask.clone() for layer in model.layers]
+        scores = [effective_scores(model, i) for i in range(len(model.layers))]
+        floors = self._floors([layer.active_connections() for layer in model.layers])
+        if isinstance(counts, int):
+            new = prune_smallest_global(scores, old, counts, floors)
+        else:
+            new = [prune_smallest_global([s], [m], n, [f])[0] for s, m, n, f in zip(scores, old, counts, floors)]
+        for layer, mask in zip(model.layers, new):
+            set_mask(layer, mask, self.optimizer)
+        return old
+
+    def _rewire(self) -> int:
+        """Drop + regrow (``pruning.rewire``): remove a further share of the smallest |W*|
+        and wake as many dormant connections with the largest |dL/dw| (Policy 1's score),
+        at weight zero.  The share decays as a cosine over the size schedule (as in
+        RigL); the just-dropped connections cannot regrow, so the size is unchanged.
+
+        Returns:
+            Connections rewired.
+        """
+        p, st, model = self.cfg.pruning, self.state, self.model
+        steps = max(1, round(st.prune_iterations * p.schedule_share)) if st.prune_iterations else p.max_iterations
+        share = p.rewire * 0.5 * (1 + math.cos(math.pi * min(st.iteration, steps) / steps))
+        live = [layer.active_connections() for layer in model.layers]
+        k = int(round(share * sum(live)))
+        if k <= 0:
+            return 0
+        counts = k if p.scope == "global" else split_removal(k, live, self._floors(live))
+        before = self._prune_connections(counts)
+        dropped = [b.bool() & ~layer.mask.bool() for b, layer in zip(before, model.layers)]
+        X, y = self._score_data()
+        scan = gradient_scan(model, X, y, self.cfg.train.eval_batch_size, bridges=False)
+        scores = [g.abs().masked_fill(d | frozen_mask, 0.0) for g, d, frozen_mask in
+                  zip(scan.grads, dropped, self._frozen_masks())]
+        masks = [layer.mask for layer in model.layers]
+        n = sum(int(d.sum()) for d in dropped)
+        new = grow_connections_global(scores, masks, n) if p.scope == "global" else \
+            [grow_connections(sc, m, int(d.sum())) for sc, m, d in zip(scores, masks, dropped)]
+        for layer, mask in zip(model.layers, new):
+            set_mask(layer, mask, self.optimizer, self.cfg.growth.adam_warm)
+        return n
+
+    def _frozen_masks(self) -> list[torch.Tensor]:
+        """Per layer: all True for a frozen layer (nothing may grow there), else all False."""
+        return [torch.full_like(layer.mask, i in self.state.frozen, dtype=torch.bool)
+                for i, layer in enumerate(self.model.layers)]
 
     def _prune_cnn_units(self) -> list[int]:
         """CNN part of a pruning step: partial-area convolution (Algorithm 2) in every conv
@@ -395,10 +520,12 @@ class Synthesis:
         return lambda xb: random_affine(xb, generator, rotate=d.rotate, shift=d.shift,
                                         scale=(d.scale_min, d.scale_max), shear=d.shear)
 
-    def _train(self, model, optimizer, epochs: int, generator, desc: str, lr_scale: float = 1.0) -> float | None:
+    def _train(self, model, optimizer, epochs: int, generator, desc: str, lr_scale: float = 1.0,
+               window: tuple[int, int] | None = None) -> float | None:
         """``epochs`` epochs at ``train.lr * lr_scale`` (times the rollback factor); with the
         cosine schedule every call is one annealing cycle, so each validation check sees
-        an annealed model."""
+        an annealed model -- or, with ``window = (first, total)``, epochs first.. of one
+        cycle of ``total`` epochs (``pruning.lr_schedule = "phase"``)."""
         from tqdm.auto import tqdm
 
         t = self.cfg.train
@@ -408,7 +535,8 @@ class Synthesis:
         with tqdm(total=epochs * len(self.X), desc=desc, unit="sample", disable=not self.progress,
                   leave=False, dynamic_ncols=True) as bar:
             for e in range(epochs):
-                lr_at = (lambda b, e=e: cosine_lr(e * per_epoch + b, epochs * per_epoch, lr, t.min_lr_scale)) \
+                start, total = (window[0] + e, window[1]) if window else (e, epochs)
+                lr_at = (lambda b, k=start: cosine_lr(k * per_epoch + b, total * per_epoch, lr, t.min_lr_scale)) \
                     if t.schedule == "cosine" else (lambda b: lr)
                 loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, generator,
                                    self._augment(generator), bar.update, lr_at)

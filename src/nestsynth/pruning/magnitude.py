@@ -14,6 +14,7 @@ def prune_smallest(scores: torch.Tensor, mask: torch.Tensor, n_remove: int) -> t
     """Switch off the ``n_remove`` live connections with the smallest scores.
 
     Dormant connections are never revived.  Ties are broken by position (topk order).
+    This is :func:`prune_smallest_global` for one layer.
 
     Args:
         scores: (out, in) magnitudes.
@@ -23,10 +24,50 @@ def prune_smallest(scores: torch.Tensor, mask: torch.Tensor, n_remove: int) -> t
     Returns:
         The new mask, a subset of ``mask``.
     """
-    live = mask.bool().flatten()
-    n_remove = min(max(n_remove, 0), int(live.sum()))
-    new = mask.clone()
+    return prune_smallest_global([scores], [mask], n_remove)[0]
+
+
+def prune_smallest_global(scores: list[torch.Tensor], masks: list[torch.Tensor], n_remove: int,
+                          floors: list[int] | None = None) -> list[torch.Tensor]:
+    """Switch off the ``n_remove`` live connections with the smallest scores over all layers.
+
+    One ranking over the whole network (the "global" scope): a layer whose connections
+    matter little loses more of them than one whose connections are large.  Each layer
+    keeps at least ``floors[i]`` of its live connections (its largest-scoring ones), so
+    no layer is cut off.  Dormant connections are never revived.  Ties are broken by
+    position in the concatenated, flattened layers (topk order).
+
+    Args:
+        scores: one score tensor per layer (its weight shape), e.g. |W*|.
+        masks: the matching 0/1 masks.
+        n_remove: connections to remove in all (clipped to what the floors allow).
+        floors: least live connections kept per layer (default 0).
+
+    Returns:
+        One new mask per layer, each a subset of its old mask.
+
+    Example:
+        >>> m = prune_smallest_global([torch.tensor([[3., 1.]]), torch.tensor([[2.]])],
+        ...                           [torch.ones(1, 2), torch.ones(1, 1)], 2)
+        >>> [x.tolist() for x in m]
+        [[[1.0, 0.0]], [[0.0]]]
+    """
+    floors = floors or [0] * len(masks)
+    ranked = []
+    for s, m, f in zip(scores, masks, floors):
+        live = m.bool().flatten()
+        r = s.flatten().to(torch.float32).masked_fill(~live, float("inf"))
+        keep = min(f, int(live.sum()))
+        if keep > 0:  # the layer's `keep` largest live scores are out of reach
+            r = r.clone()
+            r[torch.topk(r.masked_fill(~live, float("-inf")), keep).indices] = float("inf")
+        ranked.append(r)
+    flat = torch.cat(ranked)
+    n_remove = min(max(n_remove, 0), int(torch.isfinite(flat).sum()))
+    out = [m.clone() for m in masks]
     if n_remove > 0:
-        ranked = scores.flatten().masked_fill(~live, float("inf"))
-        new.view(-1)[torch.topk(ranked, n_remove, largest=False).indices] = 0
-    return new
+        drop = torch.zeros(flat.numel(), dtype=torch.bool)
+        drop[torch.topk(flat, n_remove, largest=False).indices.cpu()] = True
+        for o, d in zip(out, drop.split([m.numel() for m in masks])):
+            o.view(-1)[d.to(o.device)] = 0
+    return out

@@ -25,3 +25,50 @@ def cubic_removal(t: int, active: int, start: int, final: float, steps: int, flo
     growth reaches sparsity s(t + 1); never below ``floor``."""
     target = round(start * (1.0 - cubic_sparsity(t + 1, final, steps)))
     return max(0, min(active - max(target, floor), active - floor))
+
+
+def cubic_count(t: int, start: int, target: int, steps: int) -> int:
+    """Live connections wanted after pruning step t (0-based) of a cubic size schedule.
+
+    ``w(t) = target + (start - target) * (1 - (t + 1) / steps)^3``, rounded: the size falls
+    steeply while the network is large and slowly as it nears ``target`` (Zhu & Gupta's
+    cubic, written in weights rather than sparsity), and stays at ``target`` from step
+    ``steps - 1`` on.
+
+    Args:
+        t: the pruning step (0-based).
+        start: live connections when the schedule starts.
+        target: live connections at its end.
+        steps: pruning steps over which the size falls (>= 1).
+
+    Example:
+        >>> cubic_count(0, 1000, 100, 2), cubic_count(1, 1000, 100, 2)
+        (212, 100)
+    """
+    frac = min(max(t + 1, 0), steps) / max(steps, 1)
+    return int(round(target + (start - target) * (1.0 - frac) ** 3))
+
+
+def split_removal(total: int, active: list[int], floors: list[int]) -> list[int]:
+    """Share ``total`` removals among layers in proportion to their live connections.
+
+    Per-layer ("layer" scope) form of a whole-network count: every layer loses the same
+    share, as in Policy 4, and none goes below its floor.
+
+    Args:
+        total: connections to remove from the whole network.
+        active: live connections per layer (layers not pruned: give their floor = active).
+        floors: the least each layer keeps.
+
+    Returns:
+        Removals per layer; their sum is ``min(total, sum of what the floors allow)``
+        whenever the proportional shares fit under the floors.
+
+    Example:
+        >>> split_removal(30, [100, 200], [1, 1])
+        [10, 20]
+    """
+    live = sum(active)
+    if live <= 0 or total <= 0:
+        return [0] * len(active)
+    return [max(0, min(int(round(total * a / live)), a - f)) for a, f in zip(active, floors)]

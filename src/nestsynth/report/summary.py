@@ -82,7 +82,12 @@ def build_report(*, cfg, model_name: str, dataset: str, state, rows: list[dict],
                         "grown_neurons": [sum(x) for x in zip(*(r["grown_neurons"] for r in growth_rows
                                                                  if r.get("grown_neurons")))]}
     report["pruning"] = {"bound_val_error": state.bound, "iterations": len(prune_rows),
-                         "accepted_iterations": sum(bool(r.get("accepted")) for r in prune_rows)}
+                         "accepted_iterations": sum(bool(r.get("accepted")) for r in prune_rows),
+                         "stop_reason": getattr(state, "stop_reason", None),
+                         "kept_iteration": getattr(state, "kept_iteration", None),
+                         "target_weights": cfg.pruning.target_weights or None,
+                         "bound_exceeded": any(r["val_error"] > state.bound for r in prune_rows if r.get("accepted"))
+                         if state.bound is not None else False}
     return report
 
 

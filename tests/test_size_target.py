@@ -1,0 +1,129 @@
+"""Size-targeted, budgeted pruning (pruning.target_weights / budget_epochs / scope / rewire)
+and the global selector, against hand counts and a brute-force sort."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nestsynth.api import resolve_reference
+from nestsynth.pruning import cubic_count, prune_smallest_global, split_removal
+from nestsynth.synthesis import Synthesis
+
+from test_synthesis import small_cfg
+
+
+def _run(cfg, digits):
+    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
+    model, report = syn.run()
+    return syn, model, report
+
+
+def test_cubic_count_by_hand():
+    assert [cubic_count(t, 1000, 100, 4) for t in range(6)] == [
+        round(100 + 900 * (1 - k / 4) ** 3) for k in (1, 2, 3, 4)] + [100, 100]
+    assert cubic_count(-3, 500, 50, 2) == 500 - 0  # before the schedule: the start
+    assert cubic_count(0, 100, 100, 3) == 100
+
+
+def test_split_removal_floors_and_proportion():
+    assert split_removal(60, [100, 200, 300], [1, 1, 1]) == [10, 20, 30]
+    assert split_removal(60, [100, 200, 3], [1, 1, 3]) == [20, 40, 0]
+    assert split_removal(0, [5, 5], [1, 1]) == [0, 0]
+
+
+def test_global_selector_equals_brute_force_sort():
+    gen = torch.Generator().manual_seed(3)
+    scores = [torch.rand(4, 5, generator=gen), torch.rand(3, 4, generator=gen), torch.rand(2, 3, generator=gen)]
+    masks = [(torch.rand(s.shape, generator=gen) > 0.3).float() for s in scores]
+    floors = [2, 0, 3]
+    for n in (0, 1, 7, 15, 100):
+        new = prune_smallest_global(scores, masks, n, floors)
+        # brute force: every live entry not among its layer's `floor` largest, sorted by score
+        protected = set()
+        for li, (s, m, f) in enumerate(zip(scores, masks, floors)):
+            live = sorted(((float(s.flatten()[j]), j) for j in range(s.numel()) if m.flatten()[j] > 0), reverse=True)
+            protected |= {(li, j) for _, j in live[:f]}
+        cands = sorted((float(s.flatten()[j]), li, j) for li, (s, m) in enumerate(zip(scores, masks))
+                       for j in range(s.numel()) if m.flatten()[j] > 0 and (li, j) not in protected)
+        gone = {(li, j) for _, li, j in cands[:n]}
+        for li, (m, nm) in enumerate(zip(masks, new)):
+            for j in range(m.numel()):
+                assert nm.flatten()[j] == (0.0 if (li, j) in gone or m.flatten()[j] == 0 else 1.0)
+            assert int(nm.sum()) >= min(floors[li], int(m.sum()))
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_size_target_is_hit_exactly(digits, scope):
+    cfg = small_cfg(pruning={"neurons": False, "target_weights": 700, "scope": scope, "schedule_steps": 4,
+                             "schedule_share": 0.5, "tolerance": 0.0, "max_iterations": 10})
+    syn, model, report = _run(cfg, digits)
+    rows = [r for r in syn.state.history if r["phase"] == "pruning"]
+    assert len(rows) == 4 and all(r["accepted"] for r in rows)  # guard "warn": the bound never rejects
+    start = syn.state.prune_start
+    goals = [cubic_count(t, start, 700, 2) for t in range(4)]
+    assert goals[1:] == [700] * 3 and goals[0] < start
+    if scope == "global":
+        assert [r["weights"] for r in rows] == goals
+    else:  # per-layer shares are rounded: within one connection per layer
+        assert all(abs(r["weights"] - g) <= len(model.layers) for r, g in zip(rows, goals))
+    assert abs(model.active_weights() - 700) <= (0 if scope == "global" else len(model.layers))
+    assert report["pruning"]["stop_reason"] == "target"
+
+
+def test_budget_is_spent_exactly(digits):
+    cfg = small_cfg(growth={"target": "0.0", "max_iterations": 5, "epochs_per_iteration": 2, "max_epochs": 5},
+                    dense={"epochs": 1, "train": False},
+                    pruning={"target_weights": 600, "budget_epochs": 14, "final_epochs": 2, "retrain_epochs": 1,
+                             "max_iterations": 100, "scope": "global"})
+    syn, model, report = _run(cfg, digits)
+    growth = [r for r in syn.state.history if r["phase"] == "growth"]
+    assert len(growth) == 2  # 2 + 2 epochs; a third iteration would pass max_epochs = 5
+    assert syn.state.prune_iterations == 14 - 4 - 2
+    assert syn.state.epochs == 14
+    assert report["budget"]["epochs"] == 14
+
+
+def test_cubic_with_neuron_pruning_keeps_pruning(digits):
+    # the first step removes the dead units of the grown net; the schedule must go on afterwards
+    cfg = small_cfg(pruning={"schedule": "cubic", "final_sparsity": 0.8, "schedule_steps": 5, "tolerance": 1.0,
+                             "max_iterations": 50, "neurons": True, "neuron_threshold": 0.3})
+    syn, model, report = _run(cfg, digits)
+    rows = [r for r in syn.state.history if r["phase"] == "pruning"]
+    assert len(rows) == 5 and all(r["accepted"] for r in rows)
+    start = syn.state.prune_start
+    for t, r in enumerate(rows):  # never above the schedule's goal (neurons may take more)
+        assert r["weights"] <= cubic_count(t, start, round(start * 0.2), 5)
+    assert rows[-1]["weights"] <= round(start * 0.2)
+    assert sum(r["pruned_connections"] > 0 for r in rows[1:]) >= 2
+    assert report["pruning"]["stop_reason"] == "schedule"
+
+
+def test_zero_removal_iteration_does_not_end_the_phase(digits):
+    # a target above the start size: nothing to remove, but every planned iteration retrains
+    cfg = small_cfg(pruning={"neurons": False, "target_weights": 10 ** 6, "schedule_steps": 3, "max_iterations": 10})
+    syn, model, report = _run(cfg, digits)
+    rows = [r for r in syn.state.history if r["phase"] == "pruning"]
+    assert len(rows) == 3 and all(r["pruned_connections"] == 0 and r["accepted"] for r in rows)
+    assert report["pruning"]["stop_reason"] == "target"
+
+
+def test_guard_stop_keeps_the_last_model_within_the_bound(digits):
+    cfg = small_cfg(pruning={"neurons": False, "target_weights": 30, "schedule_steps": 4, "schedule_share": 0.25,
+                             "tolerance": 0.0, "guard": "stop", "max_iterations": 10})
+    syn, model, report = _run(cfg, digits)
+    rows = [r for r in syn.state.history if r["phase"] == "pruning"]
+    assert not rows[-1]["accepted"] and report["pruning"]["stop_reason"] == "bound"
+    kept = syn.state.kept_iteration
+    assert model.active_weights() == (syn.state.weights["post_growth"] if kept is None else rows[kept]["weights"])
+
+
+def test_rewiring_keeps_the_size_and_moves_connections(digits):
+    cfg = small_cfg(pruning={"neurons": False, "target_weights": 600, "schedule_steps": 3, "schedule_share": 1.0,
+                             "rewire": 0.2, "scope": "global", "max_iterations": 10})
+    syn, model, report = _run(cfg, digits)
+    rows = [r for r in syn.state.history if r["phase"] == "pruning"]
+    start = syn.state.prune_start
+    assert [r["weights"] for r in rows] == [cubic_count(t, start, 600, 3) for t in range(3)]
+    assert rows[0]["rewired"] == round(0.2 * cubic_count(0, start, 600, 3))
+    assert "rewired" not in rows[-1] or rows[-1]["rewired"] < rows[0]["rewired"]
