@@ -255,7 +255,7 @@ def test_gradual_run_final_and_mid_schedule(digits):
     assert [int(layer.mask.sum()) for layer in model.layers] == [round(n * 0.1) for n in SIZES]
     assert model.active_per_layer() == [round(n * 0.1) for n in SIZES]
     # after epoch 1 (step P) the last pruning step is the largest multiple of 5 <= P
-    per_epoch = math.ceil(len(ctx.X) / 64)
+    per_epoch = max(math.ceil(len(ctx.X) / 64), ctx.cfg.train.min_steps_per_epoch)
     t = (per_epoch // 5) * 5
     s = 0.9 - 0.9 * (1 - t / (2 * per_epoch)) ** 3
     row = ctx.history[0]

@@ -222,3 +222,29 @@ def run_lock(run: Path) -> Iterator[None]:
         if created:
             with contextlib.suppress(OSError):
                 run.rmdir()  # only if empty
+
+
+def check_can_write(path: Path, option: str, *, directory: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written.
+
+    Args:
+        path: the file (or with ``directory``, the folder) to be written.
+        option: how the user named it in messages, e.g. ``"--out"``.
+        directory: ``path`` is a folder to create or fill rather than a file.
+
+    Raises:
+        NestError: ``path`` (or the folder it goes in) lies under a file, is of the wrong
+            kind, or is in a folder this user cannot write.
+    """
+    if path.exists() and path.is_dir() != directory:
+        kind = "a directory" if path.is_dir() else "a file"
+        raise NestError(f"{option} {str(path)!r} is {kind}; give a {'directory' if directory else 'file'} path.")
+    folder = path if directory else path.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NestError(f"{option} {str(path)!r} cannot be written: {str(existing)!r} is a file, not a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NestError(f"{option} {str(path)!r} cannot be written: this user may not write in "
+                        f"{str(existing)!r}; choose another {option}.")

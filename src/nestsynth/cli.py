@@ -1,7 +1,7 @@
 """The ``nestsynth`` command: thin parsing around the library.
 
 Every user mistake ends with one sentence on stderr and exit status 2; Ctrl-C
-leaves the last checkpoint in place and exits with 130.
+leaves the last checkpoint in place and exits with 130, SIGTERM the same with 143.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+import time
 from pathlib import Path
 
 from . import checkpoint as ckpt
@@ -17,8 +19,45 @@ from . import config as config_mod
 from .errors import NestError
 
 
+DATASET_HELP = "mnist, digits, cifar10 or npz:PATH (an .npz file holding X and y, optionally X_test and y_test)"
+DEVICE_HELP = "where to train: auto (cuda when available), cpu, cuda or cuda:N"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nestsynth")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
+
+
+def _device(text: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}; valid: auto, cpu, cuda or cuda:N")
+    return text
+
+
+def _polish(sub) -> None:
+    """What every subcommand shares, applied once to all of them (those added later included):
+    a description (its help as a sentence), one help text for --dataset, --device accepting cuda:N."""
+    for choice in sub._choices_actions:
+        parser = sub.choices[choice.dest]
+        if not parser.description and choice.help:
+            parser.description = choice.help[0].upper() + choice.help[1:] + "."
+        for action in parser._actions:
+            if "--dataset" in action.option_strings:
+                action.help = DATASET_HELP + {"evaluate": " (default: the one recorded in the artifact)",
+                                              "export": "; the output check's (default: the run's)"
+                                              }.get(choice.dest, "")
+            if "--device" in action.option_strings:
+                action.choices, action.type, action.help, action.metavar = None, _device, DEVICE_HELP, "DEVICE"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nestsynth", description="NeST grow-and-prune network synthesis.")
+    p.add_argument("--version", action="version", version=f"nestsynth {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synthesize", help="grow and prune a network, writing a run directory")
     _add_run_options(s)
@@ -57,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--data-dir", help="folder holding the data set files")
     k.add_argument("--json", action="store_true")
     _add_export_parsers(sub)
+    _polish(sub)
     return p
 
 
@@ -71,7 +111,8 @@ def _add_run_options(s) -> None:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set growth.alpha=0.5 (repeatable)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--quiet", action="store_true",
+                   help="print only the final summary: no progress bars, no per-iteration or phase lines")
 
 
 def _overrides(args) -> list[str]:
@@ -92,11 +133,134 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """The run's progress on stdout, one line per iteration, terminal or not (the ``on_iteration``
+    callback of :func:`~nestsynth.baselines.runner.run_method`).
+
+    A NeST run (called with its LoopState) also gets a line when a phase starts and, per
+    growth or pruning iteration, the elapsed time and an upper bound on what the phase has
+    left (its remaining iteration limit times the mean seconds per iteration so far).  A
+    baseline (called with its MethodContext) gets the elapsed time.  ``quiet`` prints nothing.
+    """
+
+    def __init__(self, cfg, quiet: bool = False, resume: bool = False):
+        self.cfg, self.quiet = cfg, quiet
+        self.shown = None if resume else 0  # resumed: the rows before the first call were shown before
+        self.phase = None
+        self.started = time.monotonic()
+
+    def __call__(self, state) -> None:
+        if self.quiet:
+            return
+        rows = state.history
+        if self.shown is None:
+            self.shown = max(len(rows) - 1, 0)
+        for row in rows[self.shown:]:
+            print(self.line(row, state), flush=True)
+        self.shown = len(rows)
+        phase = getattr(state, "phase", None)
+        if phase is not None and phase != self.phase:
+            self.phase = phase
+            start = self.phase_start(state)
+            if start:
+                print(start, flush=True)
+
+    def line(self, row: dict, state) -> str:
+        text = (f"[{row['phase']} {row['iteration']}] weights {row['weights']} neurons {row['neurons']} "
+                f"val error {100 * row['val_error']:.2f}%")
+        if row.get("accepted") is False:
+            text += " (rejected: back to the last kept model)"
+        if not hasattr(state, "phase"):  # a baseline: its rows carry the time since its start
+            return text + f"; elapsed {_duration(time.monotonic() - self.started)}"
+        text += f" ({row['seconds']:.1f} s); elapsed {_duration(state.elapsed)}"
+        left = self.phase_left(row, state)
+        return text + (f", {row['phase']} at most {_duration(left[0])} more ({_n(left[1], 'iteration')} left "
+                       "at most)" if left else "")
+
+    def phase_left(self, row: dict, state) -> tuple[float, int] | None:
+        """(upper bound on the seconds, iterations) the row's phase has left, if it goes on."""
+        limit = {"growth": self.cfg.growth.max_iterations,
+                 "pruning": getattr(state, "prune_iterations", 0) or self.cfg.pruning.max_iterations}
+        if row["phase"] not in limit or state.phase != row["phase"]:
+            return None
+        done = [r["seconds"] for r in state.history if r["phase"] == row["phase"]]
+        remaining = max(limit[row["phase"]] - (row["iteration"] + 1), 0)
+        return (remaining * sum(done) / len(done), remaining) if remaining else None
+
+    def phase_start(self, state) -> str:
+        g, p = self.cfg.growth, self.cfg.pruning
+        target = f", ending early once the validation error reaches {100 * state.target:.2f}%" \
+            if state.target is not None else ""
+        bound = f" while the validation error stays within {100 * state.bound:.2f}%" if state.bound is not None \
+            else ""
+        prune = getattr(state, "prune_iterations", 0) or p.max_iterations
+        return {"dense": f"dense reference: training {_n(self.cfg.dense.epochs, 'epoch')}...",
+                "growth": f"growth: up to {_n(g.max_iterations, 'iteration')} of "
+                          f"{_n(g.epochs_per_iteration, 'epoch')}{target}...",
+                "pruning": f"pruning: up to {_n(prune, 'iteration')} of {_n(p.retrain_epochs, 'retraining epoch')}"
+                           f"{bound}...",
+                "finetune": f"fine-tuning the kept model: {_n(p.final_epochs, 'epoch')}..." if p.final_epochs else "",
+                }.get(state.phase, "")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def _check_device_and_size(device: str, reference) -> None:
+    """Refuse a CUDA index this machine lacks, or a model that cannot fit in memory, before
+    anything is allocated or written.
+
+    The estimate counts 6 float32 values per dense reference weight (weight, mask, gradient,
+    two Adam moments and the kept copy): a lower bound of what training needs.
+    """
+    import torch
+
+    from .data.base import available_memory, check_fits
+    from .metrics import reference_weights
+
+    available = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = int(device.partition(":")[2] or torch.cuda.current_device())
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise NestError(f"device {device!r} does not exist: this machine has {count} CUDA device"
+                            f"{'s' * (count != 1)} (cuda:0..cuda:{count - 1}).")
+        available = torch.cuda.mem_get_info(index)[0]
+    weights = reference_weights(reference)
+    check_fits(24 * weights, f"the model ({weights:,} weights in its dense reference)",
+               "choose smaller widths (nestsynth models lists the registered ones)",
+               available if available is not None else available_memory())
+
+
+_SIGNAL = {"terminated": False}
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM: stop like Ctrl-C (the last checkpoint stays; exit status 143)."""
+    if not _SIGNAL["terminated"]:  # a second SIGTERM during the clean-up is ignored
+        _SIGNAL["terminated"] = True
+        raise KeyboardInterrupt
+
+
+def _stop_word() -> str:
+    return "terminated (SIGTERM)" if _SIGNAL["terminated"] else "interrupted"
+
+
 def cmd_synthesize(args) -> int:
     from .api import load_run_config, resolve_reference
     from .baselines.runner import run_method
     from .data import load_dataset
-    from .report import format_layer_table
+    from .report import format_layer_table, format_outcome
 
     sets = _overrides(args)
     if args.resume:
@@ -113,49 +277,46 @@ def cmd_synthesize(args) -> int:
     else:
         cfg = config_mod.load(args.config, sets)
         out = Path(args.out) if args.out else default_run_dir(cfg)
+        ckpt.check_can_write(out, "--out", directory=True)
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir or None, val_fraction=cfg.data.val_fraction,
                         split_seed=cfg.data.split_seed)
     reference = resolve_reference(cfg.model, data)
-    progress = not args.quiet and sys.stderr.isatty()
-
-    shown = [0]
-
-    def tell(state):
-        if args.quiet or len(state.history) == shown[0]:
-            return
-        shown[0] = len(state.history)
-        row = state.history[-1]
-        if row:
-            print(f"[{row['phase']} {row['iteration']}] weights {row['weights']} neurons {row['neurons']} "
-                  f"val error {100 * row['val_error']:.2f}% ({row['seconds']:.1f} s)", flush=True)
-
+    _check_device_and_size(cfg.device, reference)
+    tell = Progress(cfg, args.quiet, resume=args.resume)
+    if args.resume and not args.quiet:
+        print(f"resuming {out} from its last checkpoint", flush=True)
     try:
-        _, report = run_method(cfg, data, reference, out, resume=args.resume, progress=progress,
-                               on_iteration=tell)
+        with ckpt.run_lock(out):
+            _, report = run_method(cfg, data, reference, out, resume=args.resume,
+                                   progress=not args.quiet and sys.stderr.isatty(), on_iteration=tell)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the last checkpoint is in {out}; continue with "
-              f"nestsynth synthesize --out {out} --resume", file=sys.stderr)
+        method = f" --method {cfg.method}" if args.command == "prune" else ""
+        print(f"{_stop_word()}: the last checkpoint is in {out}; continue with nestsynth {args.command}{method} "
+              f"--out {out} --resume", file=sys.stderr)
         return 130
     print(format_layer_table(report))
+    outcome = format_outcome(report, ckpt.read_jsonl(ckpt.metrics_path(out)), cfg.pruning.max_iterations)
+    if outcome:
+        print("\n" + outcome)
     print(f"\nrun directory: {out}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import format_layer_table, redraw_plots
+    from .report import format_layer_table, format_outcome, read_history, read_report, redraw_plots
 
     run = Path(args.run_dir)
-    path = ckpt.report_path(run)
-    if not path.is_file():
-        raise NestError(f"{str(run)!r} has no report.json: it is not a finished nestsynth run.")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise NestError(f"{str(path)!r} is not valid JSON.") from None
+    report = read_report(run)  # every file is checked before anything is printed
+    history = read_history(run)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_layer_table(report))
+        try:
+            limit = config_mod.load(ckpt.config_path(run)).pruning.max_iterations
+        except NestError:  # no or an unreadable config.toml: the limit goes unnamed
+            limit = None
+        outcome = format_outcome(report, history, limit)
+        print(format_layer_table(report) + ("\n\n" + outcome if outcome else ""))
     for plot in redraw_plots(run):
         print(f"plot: {plot}")
     return 0
@@ -169,13 +330,26 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':<16}{'layers':<20}{'weights':>10}{'FLOPs':>10}  description")
-    for r in rows:
-        print(f"{r['name']:<16}{'-'.join(map(str, r['widths'])):<20}{r['weights']:>10}{r['flops']:>10}  "
-              f"{r['description']}")
-    print("\nAny MLP: mlp:IN-H1-...-OUT, e.g. mlp:784-500-250-10. Registered MLPs take their input and "
-          "output widths from the data.")
+    table = [("name", "layers", "weights", "FLOPs", "description")] + [
+        (r["name"], _runs(r["widths"]), f"{r['weights']:,}", f"{r['flops']:,}", r["description"])
+        for r in rows]
+    w = [max(len(row[i]) for row in table) for i in range(4)]
+    for name, layers, weights, flops, description in table:
+        print(f"{name:<{w[0]}}  {layers:<{w[1]}}  {weights:>{w[2]}}  {flops:>{w[3]}}  {description}")
+    print("\nlayers: units per layer, input first; WxN is N layers of W units. Any MLP: mlp:IN-H1-...-OUT, "
+          "e.g. mlp:784-500-250-10. Registered MLPs take their input and output widths from the data.")
     return 0
+
+
+def _runs(widths) -> str:
+    """Widths joined by '-', a run of N equal widths written WxN (3-64x2-128x2-...)."""
+    parts = []
+    for w in widths:
+        if parts and parts[-1][0] == w:
+            parts[-1][1] += 1
+        else:
+            parts.append([w, 1])
+    return "-".join(f"{w}x{n}" if n > 1 else str(w) for w, n in parts)
 
 
 def cmd_methods(args) -> int:
@@ -246,14 +420,33 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"synthesize": cmd_synthesize, "prune": cmd_synthesize, "report": cmd_report,
                 "models": cmd_models, "methods": cmd_methods, "compare": cmd_compare, "compress": cmd_compress}
     handlers.update(EXPORT_HANDLERS)
+    _SIGNAL["terminated"] = False
     try:
-        return handlers[args.command](args)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        code = handlers[args.command](args)
     except NestError as exc:
         print(f"nestsynth: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        print(_stop_word(), file=sys.stderr)
+        code = 130
+    except OSError as exc:  # a path the user gave that cannot be read or written
+        where = f" {str(exc.filename)!r}" if exc.filename else ""
+        print(f"nestsynth: error: cannot read or write{where}: {exc.strerror or exc}.", file=sys.stderr)
+        code = 2
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and not re.search(r"out of memory|can't allocate memory", str(exc)):
+            raise
+        print("nestsynth: error: ran out of memory; choose smaller widths, train.batch_size or "
+              "train.eval_batch_size.", file=sys.stderr)
+        code = 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 143 if code == 130 and _SIGNAL["terminated"] else code
 
 
 # ----------------------------------------------------------------------------- export, evaluate, bench-infer

@@ -31,7 +31,7 @@ from .pruning import (constant_rate_removal, cubic_count, effective_scores, neur
 from .registry import CNNSpec, ModelSpec
 from .seeds import make_seed
 from .sparse import SparseMLP, append_units, model_from_arch, set_mask
-from .training import NonFiniteLoss, cosine_lr, evaluate, make_optimizer, train_epoch
+from .training import NonFiniteLoss, cosine_lr, epoch_steps, evaluate, make_optimizer, train_epoch
 
 MAX_ROLLBACKS = 4
 MAP_SAMPLES = 2048  # examples on which feature-map candidates are compared (Policy 3)
@@ -530,7 +530,7 @@ class Synthesis:
 
         t = self.cfg.train
         lr = t.lr * lr_scale * self.state.lr_scale
-        per_epoch = math.ceil(len(self.X) / t.batch_size)
+        per_epoch = epoch_steps(t, len(self.X))  # train.min_steps_per_epoch at least
         loss = None
         with tqdm(total=epochs * len(self.X), desc=desc, unit="sample", disable=not self.progress,
                   leave=False, dynamic_ncols=True) as bar:
@@ -539,7 +539,7 @@ class Synthesis:
                 lr_at = (lambda b, k=start: cosine_lr(k * per_epoch + b, total * per_epoch, lr, t.min_lr_scale)) \
                     if t.schedule == "cosine" else (lambda b: lr)
                 loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, generator,
-                                   self._augment(generator), bar.update, lr_at)
+                                   self._augment(generator), bar.update, lr_at, steps=per_epoch)
                 self.state.epochs += 1
         return loss
 

@@ -35,18 +35,83 @@ def cosine_lr(step: int, total: int, lr: float, min_scale: float) -> float:
     return lr * (min_scale + (1.0 - min_scale) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
+def steps_per_epoch(n: int, batch_size: int, min_steps: int = 0) -> int:
+    """Optimizer steps in one training epoch over ``n`` examples.
+
+    An epoch is one pass over the data (``ceil(n / batch_size)`` steps, the last batch
+    possibly partial) unless that is fewer than ``min_steps``; then it is ``min_steps``
+    full batches drawn from fresh permutations one after another (see
+    :func:`train_epoch`), so an epoch on a small data set means as much learning as on a
+    large one.  ``train.min_steps_per_epoch`` sets ``min_steps`` (README, "Training
+    budgets").
+
+    Args:
+        n: training examples.
+        batch_size: examples per optimizer step.
+        min_steps: the least number of steps an epoch has (0: one pass, always).
+
+    Returns:
+        ``max(ceil(n / batch_size), min_steps)``, or 0 when ``n`` is 0.
+
+    Example:
+        >>> steps_per_epoch(1293, 128, 150), steps_per_epoch(54000, 128, 150)
+        (150, 422)
+    """
+    if n <= 0:
+        return 0
+    return max(math.ceil(n / batch_size), min_steps)
+
+
+def epoch_steps(cfg: TrainConfig, n: int) -> int:
+    """:func:`steps_per_epoch` of ``n`` examples under ``cfg`` (batch size, minimum steps)."""
+    return steps_per_epoch(n, cfg.batch_size, cfg.min_steps_per_epoch)
+
+
+def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """The example indices of every batch of one epoch, drawn from ``generator``.
+
+    With ``steps <= ceil(n / batch_size)`` this is one permutation cut into consecutive
+    batches (the last one possibly partial): exactly the draws of a plain epoch.  With
+    more steps, permutations are drawn one after another and their concatenation is cut
+    into ``steps`` full batches of ``batch_size``; every example is seen once per
+    permutation.
+
+    Args:
+        n: training examples (> 0).
+        batch_size: examples per batch.
+        steps: batches in the epoch (see :func:`steps_per_epoch`).
+        generator: source of the permutations.
+
+    Returns:
+        A list of ``steps`` index tensors (CPU, int64).
+    """
+    natural = math.ceil(n / batch_size)
+    if steps <= natural:
+        order = torch.randperm(n, generator=generator)
+        return [order[start:start + batch_size] for start in range(0, n, batch_size)][:steps]
+    passes = math.ceil(steps * batch_size / n)
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
+    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
 def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: int,
                 generator: torch.Generator, augment: Callable | None = None,
                 progress: Callable[[int], None] | None = None,
                 lr_at: Callable[[int], float] | None = None,
                 penalty: Callable[[], torch.Tensor] | None = None,
-                after_step: Callable[[], None] | None = None) -> float:
+                after_step: Callable[[], None] | None = None,
+                steps: int | None = None) -> float:
     """One epoch of minibatch training in a random order drawn from ``generator``.
 
     ``lr_at(batch_index)`` (optional) sets the learning rate before every batch.
     ``penalty()`` (optional) is added to every batch loss (regularizers such as L0);
     the reported loss excludes it.  ``after_step()`` (optional) runs after every
     optimizer step (mask re-application, gradual pruning, custom updates).
+
+    Args:
+        steps: optimizer steps of the epoch (:func:`steps_per_epoch`); None or at most
+            ``ceil(len(X) / batch_size)`` is one pass over the data in one permutation,
+            more cycles through fresh permutations (:func:`batch_indices`).
 
     Returns:
         The mean training loss.
@@ -55,12 +120,13 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
         NonFiniteLoss: as soon as a batch loss is NaN or infinite.
     """
     model.train()
-    order = torch.randperm(len(X), generator=generator).to(X.device)
+    steps = math.ceil(len(X) / batch_size) if steps is None else steps
+    batches = batch_indices(len(X), batch_size, steps, generator) if len(X) else []
     total, count = 0.0, 0
-    for b, start in enumerate(range(0, len(X), batch_size)):
+    for b, idx in enumerate(batches):
         if lr_at is not None:
             set_lr(optimizer, lr_at(b))
-        idx = order[start:start + batch_size]
+        idx = idx.to(X.device)
         xb, yb = X[idx], y[idx]
         if augment is not None:
             xb = augment(xb)

@@ -11,7 +11,6 @@ CNN reference with one sentence before anything is written or trained.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable
 
@@ -21,7 +20,7 @@ from ..config import Config
 from ..data import DataBundle, random_affine
 from ..errors import NestError
 from ..sparse import SparseCNN, SparseMLP
-from ..training import cosine_lr, evaluate, make_optimizer, train_epoch
+from ..training import cosine_lr, epoch_steps, evaluate, make_optimizer, train_epoch
 
 
 def mlp_only(reason: str) -> Callable:
@@ -148,17 +147,21 @@ class MethodContext:
         t = self.cfg.train
         optimizer = optimizer or self.optimizer(model, lr_scale)
         lr = t.lr * lr_scale
-        per_epoch = math.ceil(len(self.X) / t.batch_size)
+        per_epoch = self.steps_per_epoch()
         loss = None
         for e in range(epochs):
             lr_at = (lambda b, e=e: cosine_lr(e * per_epoch + b, epochs * per_epoch, lr, t.min_lr_scale)) \
                 if t.schedule == "cosine" else (lambda b: lr)
             loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, self.generator,
-                               self._augment(), None, lr_at, penalty, after_step)
+                               self._augment(), None, lr_at, penalty, after_step, per_epoch)
             self.epochs += 1
             if on_epoch is not None:
                 on_epoch(e)
         return loss
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch of :meth:`train` (``train.min_steps_per_epoch`` at least)."""
+        return epoch_steps(self.cfg.train, len(self.X))
 
     def _augment(self):
         d = self.cfg.data

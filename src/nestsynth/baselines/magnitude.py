@@ -254,8 +254,8 @@ def reset_to(model: SparseMLP, state: dict[str, torch.Tensor], masks: list[torch
 
 
 def steps_per_epoch(ctx) -> int:
-    """Optimizer steps in one epoch of ``ctx.train``."""
-    return math.ceil(len(ctx.X) / ctx.cfg.train.batch_size)
+    """Optimizer steps in one epoch of ``ctx.train`` (``train.min_steps_per_epoch`` at least)."""
+    return ctx.steps_per_epoch()
 
 
 # ---- dense --------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import os
@@ -199,7 +200,7 @@ def count_classes(train: Dataset, others: list[Dataset | None], what: str) -> in
                         "two classes.")
     if len(present) < classes:
         seen = set(present.tolist())
-        gaps = [str(i) for i in range(classes) if i not in seen][:3]
+        gaps = list(itertools.islice((str(i) for i in range(classes) if i not in seen), 3))
         raise NestError(f"the labels of {what} must number the classes 0..K-1, but the largest label {top:,} "
                         f"would need {classes:,} outputs and {classes - len(present):,} of those ids have no "
                         f"training sample (e.g. {', '.join(gaps)}); renumber the {len(present)} classes "

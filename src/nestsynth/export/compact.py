@@ -229,11 +229,15 @@ class CompactNet(nn.Module):
                                     f"known: {', '.join(layer_types)}.")
                 layers.append(layer_type.from_state(spec, tensors, f"layers.{i}"))
             model = build(layers, tensors["input_index"] if arch.get("input_gather") else None)
+            unused = sorted(set(tensors) - set(model.tensors()))
+            if unused:
+                raise ValueError(f"tensors {', '.join(unused[:3])} belong to no layer of the description")
         except NestError:
             raise
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError):
-            raise NestError("the compact model's tensors do not match its architecture description "
-                            "(missing or inconsistent).") from None
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            detail = f": {exc}" if isinstance(exc, ValueError) else " (missing or inconsistent)"
+            raise NestError(f"the compact model's tensors do not match its architecture description{detail}."
+                            ) from None
         return model.eval()
 
 

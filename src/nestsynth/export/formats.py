@@ -123,13 +123,16 @@ def load_safetensors(path: Path) -> CompactMLP | CompactCNN:
         raise NestError(f"{str(path)!r} is not a readable safetensors file ({str(exc)[:120]}).") from None
     side = sidecar_path(path)
     try:
-        if side.is_file():
-            arch = json.loads(side.read_text())["arch"]
-        else:
-            arch = json.loads(metadata["arch"])
-    except (KeyError, TypeError, json.JSONDecodeError):
+        own = json.loads(metadata["arch"]) if "arch" in metadata else None
+        arch = json.loads(side.read_text())["arch"] if side.is_file() else own
+    except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError, OSError):
+        arch = None
+    if arch is None:
         raise NestError(f"{str(side)!r} (the architecture of {path.name}) is missing or not valid "
-                        "JSON.") from None
+                        "JSON.")
+    if own is not None and arch != own:
+        raise NestError(f"{str(side)!r} does not describe {path.name} (it differs from the architecture stored "
+                        "in the weights file: edited, or from another export); delete it or export again.")
     return compact_from_state(arch, tensors)
 
 

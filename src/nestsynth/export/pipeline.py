@@ -139,6 +139,16 @@ def _check_width(n_inputs: int, X: torch.Tensor, what: str) -> None:
         raise NestError(f"the data set's samples have {X[0].numel()} values but {what} expects {n_inputs}.")
 
 
+@torch.inference_mode()
+def _check_classes(model, X: torch.Tensor, y: torch.Tensor, dataset: str, what: str) -> None:
+    """Refuse a test set with labels the model has no output for."""
+    outputs = int(model(X[:1]).shape[1])
+    top = int(y.max())
+    if top >= outputs:
+        raise NestError(f"data set {dataset!r} has labels up to {top} ({top + 1} classes) but {what} has "
+                        f"{outputs} outputs; evaluate it on the data set it was trained on (--dataset).")
+
+
 @contextmanager
 def _torch_threads(threads: int | None):
     """Run the block with ``threads`` intra-op threads (None: unchanged), then restore."""
@@ -227,6 +237,7 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
     path = Path(out) if out else (src.run_dir or src.model_file.parent) / "export" / f"compact{SUFFIX[fmt]}"
     if path.suffix.lower() != SUFFIX[fmt]:
         raise NestError(f"--out {str(path)!r} must end in {SUFFIX[fmt]} for --format {fmt}.")
+    ckpt.check_can_write(path, "--out")
     with _torch_threads(threads):
         started = time.perf_counter()
         storage = "dense" if fmt == "onnx" else sparse
@@ -243,6 +254,8 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
             g = torch.Generator().manual_seed(0)
             X, y = torch.rand(2048, *src.sample_shape, generator=g), None
         _check_width(src.n_inputs, X, "the model")
+        if y is not None:
+            _check_classes(src.model, X, y, meta["dataset"], "the model")
         result = {"artifact": None, "format": fmt, "sparse": sparse, "check_inputs": check,
                   "check_samples": int(X.shape[0]), "tolerance": tolerance, **info}
         diff = max_abs_difference(src.model, compact, X)
@@ -339,6 +352,7 @@ def evaluate_artifact(path: str | Path, dataset: str | None = None, data_dir: st
     n_inputs = model.n_inputs if isinstance(model, (CompactMLP, CompactCNN)) else (model.arch.get("n_inputs")
                                                                      or test.X[0].numel())
     _check_width(int(n_inputs), test.X, str(path))
+    _check_classes(model, test.X, test.y, dataset, str(path))
     wrong = _error(model, test.X, test.y, batch_size)
     return {"artifact": str(path), "format": format_of(path), "dataset": dataset, "samples": len(test.y),
             "errors": wrong, "test_error": wrong / len(test.y)}
@@ -462,6 +476,7 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
         raise NestError(f"--threads must be at least 1, got {threads}.")
     if repeats < 3:
         raise NestError(f"--repeats must be at least 3, got {repeats}.")
+    ckpt.check_can_write(Path(out) if out else artifact.parent / "inference.json", "--out")
     compact = load_artifact(artifact)
     run = run or compact.meta.get("source_run") or compact.meta.get("source_model")
     if not run:

@@ -76,11 +76,11 @@ def plot_input_growth(density: torch.Tensor, image_shape, path: Path) -> None:
 
 def redraw_plots(run: Path) -> list[Path]:
     """(Re)draw every plot of a run directory from its files; returns the paths written."""
-    from .summary import load_run_model
+    from .summary import load_run_model, read_history
 
     out = ckpt.plots_dir(run)
     written = []
-    history = ckpt.read_jsonl(ckpt.metrics_path(run))
+    history = read_history(run)
     if history:
         plot_connections(history, out / "connections.png")
         written.append(out / "connections.png")

@@ -128,3 +128,43 @@ def write_run_outputs(run: Path, model: SparseMLP, report: dict) -> None:
     save_model(model, ckpt.model_path(run), report["model"], report.get("input_shape"))
     ckpt.atomic_write_text(ckpt.report_path(run), json.dumps(report, indent=2) + "\n")
     redraw_plots(run)
+
+
+#: Keys every metrics.jsonl row has (the plots and the summary read them).
+HISTORY_KEYS = ("phase", "iteration", "weights", "val_error")
+
+
+def read_history(run: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] when it has none).
+
+    Raises:
+        NestError: a damaged line (not a JSON object with :data:`HISTORY_KEYS`).
+    """
+    return ckpt.read_jsonl(ckpt.metrics_path(run), HISTORY_KEYS)
+
+
+def read_report(run: Path) -> dict:
+    """A finished run's report.json, checked to hold what the per-layer table prints.
+
+    Raises:
+        NestError: no report.json, not JSON, or a field missing or of the wrong type.
+    """
+    from .tables import format_layer_table
+
+    path = ckpt.report_path(run)
+    if not path.is_file():
+        raise NestError(f"{str(run)!r} has no report.json: it is not a finished nestsynth run.")
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise NestError(f"{str(path)!r} is not valid JSON.") from None
+    damaged = "the file is damaged: restore it from a copy or run again"
+    if not isinstance(report, dict):
+        raise NestError(f"{str(path)!r} holds a JSON {type(report).__name__}, not a report; {damaged}.")
+    try:
+        format_layer_table(report)
+    except KeyError as exc:
+        raise NestError(f"{str(path)!r} lacks the field {exc.args[0]!r}; {damaged}.") from None
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise NestError(f"{str(path)!r} holds a field of the wrong type ({exc}); {damaged}.") from None
+    return report

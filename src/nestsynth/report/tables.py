@@ -47,3 +47,57 @@ def format_layer_table(report: dict) -> str:
         + (f", {report['budget']['epochs']} training epochs" if (report.get("budget") or {}).get("epochs") else ""),
     ]
     return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def format_outcome(report: dict, history: list[dict], max_iterations: int | None = None) -> str:
+    """What happened, in words: did growth reach its target, why did pruning stop, and which
+    iteration the kept model comes from (the last printed iteration may be a rejected one).
+
+    Reads ``report["pruning"]["stop_reason"]`` / ``["kept_iteration"]`` when the run recorded
+    them, else infers them from ``history`` (the rows of metrics.jsonl); ``max_iterations``
+    (``pruning.max_iterations``) names the iteration limit.  Baseline runs (no growth or
+    pruning section) get "".
+    """
+    growth, pruning = report.get("growth"), report.get("pruning")
+    if not isinstance(growth, dict) or not isinstance(pruning, dict):
+        return ""
+    lines = []
+    rows = [r for r in history if r.get("phase") == "growth"]
+    target = growth.get("target_val_error")
+    if rows:
+        how = (f"reached the target validation error {_pct(target)}" if growth.get("reached") else
+               f"stopped without reaching the target validation error {_pct(target)}")
+        lines.append(f"growth: {how} after {len(rows)} iteration{'s' * (len(rows) != 1)} "
+                     f"(validation error {_pct(rows[-1].get('val_error'))})")
+    prune = [r for r in history if r.get("phase") == "pruning"]
+    reason = pruning.get("stop_reason")
+    if reason is None and prune:  # runs written before the loop recorded its reason
+        reason = ("bound" if prune[-1].get("accepted") is False else
+                  "iterations" if max_iterations is not None and len(prune) >= max_iterations else None)
+    bound = pruning.get("bound_val_error")
+    why = {"bound": f"the validation error rose above the bound {_pct(bound)}",
+           "target": f"the size target ({pruning.get('target_weights') or 0:,} connections) was reached",
+           "schedule": "its size schedule ended",
+           "floor": "nothing was left to remove (every layer at pruning.min_weights)",
+           "iterations": "it reached the iteration limit"
+                         + (f" (pruning.max_iterations = {max_iterations})" if max_iterations else "")}
+    if prune:
+        lines.append(f"pruning: {len(prune)} iteration{'s' * (len(prune) != 1)}, "
+                     f"{sum(bool(r.get('accepted')) for r in prune)} kept; stopped because "
+                     + why.get(reason, str(reason or "unknown (not recorded)")))
+    kept = pruning.get("kept_iteration")
+    accepted = [r for r in prune if r.get("accepted")]
+    if "kept_iteration" not in pruning and accepted:  # runs written before the loop recorded it
+        kept = accepted[-1].get("iteration")
+    row = next((r for r in reversed(accepted) if r.get("iteration") == kept), None)
+    source = (f"pruning iteration {kept}" if kept is not None else
+              "the end of growth (no pruning iteration was kept)" if prune else "the end of growth")
+    tuned = any(r.get("phase") == "finetune" and r.get("accepted") for r in history)
+    detail = f" ({row['weights']} weights, validation error {_pct(row.get('val_error'))})" if row else ""
+    lines.append(f"kept model: {source}{detail}" + (", then fine-tuned" if tuned else "")
+                 + f"; final validation error {_pct(report.get('val_error'))}")
+    return "\n".join(lines)
