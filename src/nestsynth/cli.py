@@ -71,21 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     me = sub.add_parser("methods", help="list the registered compression methods")
     me.add_argument("--json", action="store_true")
-    c = sub.add_parser("compare", help="run several methods over several seeds and tabulate them")
+    c = sub.add_parser("compare", help="run several methods over several seeds (and sizes) and tabulate them")
     c.add_argument("--methods", required=True, help="comma-separated method names, e.g. nest,han,gradual")
-    c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1; default 3)")
-    c.add_argument("--config", help="TOML config shared by every run ([train], [data], NeST's sections, "
-                   "[methods.NAME])")
-    c.add_argument("--model", help="registered model name or mlp:IN-H1-...-OUT")
-    c.add_argument("--dataset", help="mnist, digits or npz:PATH")
-    c.add_argument("--data-dir", help="folder holding the data set files")
-    c.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    c.add_argument("--out", help="comparison directory (default: runs/compare_MODEL_DATASET)")
-    c.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
-    c.add_argument("--threads", type=int, default=0, help="intra-op threads per run (default: PyTorch's; "
-                   "1 with --jobs > 1)")
-    c.add_argument("--title", help="title of comparison.md and pareto.png")
+    c.add_argument("--sizes", help="comma-separated target sizes in active weights, e.g. 3000,5000,8000: every "
+                   "method runs at every size (error-size curves: curves.csv, curves.md, curves.png)")
+    c.add_argument("--epochs", type=int, help="with --sizes: the epoch budget of every run (NeST's included)")
+    _add_batch_options(c, "comparison directory (default: runs/compare_MODEL_DATASET)",
+                       "title of comparison.md and pareto.png (curves.md and curves.png with --sizes)")
+    w = sub.add_parser("sweep", help="one synthesis per value of a config key, e.g. seed_net.ratio (paper Figs. 6-7)")
+    w.add_argument("--values", required=True, metavar="KEY=V1,V2,...",
+                   help="the config key and its values, e.g. seed_net.ratio=0.2,0.4,0.6,0.8,1.0")
+    _add_batch_options(w, "sweep directory (default: runs/sweep_KEY)", "title of sweep.png")
     k = sub.add_parser("compress", help="Deep Compression (weight sharing + Huffman) of a finished run")
     k.add_argument("run_dir")
     k.add_argument("--bits", type=int, default=5, help="bits per shared-weight index (default 5)")
@@ -372,33 +368,109 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
-    from .baselines.compare import plan, run_all, write_comparison
+def _add_batch_options(c, out_help: str, title_help: str) -> None:
+    """Options shared by compare and sweep (many runs under one config)."""
+    c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1; default 3)")
+    c.add_argument("--config", help="TOML config shared by every run ([train], [data], NeST's sections, "
+                   "[methods.NAME])")
+    c.add_argument("--model", help="registered model name or mlp:IN-H1-...-OUT")
+    c.add_argument("--dataset", help="mnist, digits, cifar10 or npz:PATH")
+    c.add_argument("--data-dir", help="folder holding the data set files")
+    c.add_argument("--device", help="where to train: auto, cpu, cuda or cuda:N")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    c.add_argument("--out", help=out_help)
+    c.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
+    c.add_argument("--threads", type=int, default=0, help="intra-op threads per run (default: PyTorch's; "
+                   "1 with --jobs > 1)")
+    c.add_argument("--title", help=title_help)
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+
+def _batch_base(args):
     if args.seeds < 1:
         raise NestError(f"--seeds must be at least 1, got {args.seeds}.")
     if args.jobs < 1:
         raise NestError(f"--jobs must be at least 1, got {args.jobs}.")
-    base = config_mod.load(args.config, _overrides(args))
-    out = Path(args.out) if args.out else Path("runs") / re.sub(
-        r"[^A-Za-z0-9_.-]+", "-", f"compare_{base.model}_{base.data.dataset}")
-    jobs = plan(base, methods, list(range(args.seeds)), out)
-    title = args.title or f"{base.model} on {base.data.dataset}: {args.seeds} seeds per method"
+    return config_mod.load(args.config, _overrides(args))
+
+
+def _int_list(text: str, option: str) -> list[int]:
     try:
-        reports, failures = run_all(jobs, None, args.jobs, args.threads,
-                                    tell=print)
+        values = [int(v.replace("_", "")) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise NestError(f"{option} must be comma-separated whole numbers, got {text!r}.") from None
+    if not values or min(values) < 1:
+        raise NestError(f"{option} must be positive whole numbers, got {text!r}.")
+    return values
+
+
+def _dense_weights(base) -> int:
+    """Weights of the dense reference fitted to the configured data (for --sizes)."""
+    from .api import resolve_reference
+    from .data import load_dataset
+
+    data = load_dataset(base.data.dataset, base.data.data_dir or None, val_fraction=base.data.val_fraction,
+                        split_seed=base.data.split_seed)
+    return resolve_reference(base.model, data).dense_weights()
+
+
+def _run_batch(jobs, args, out: Path):
+    from .baselines.compare import run_all
+
+    try:
+        return run_all(jobs, None, args.jobs, args.threads, tell=print)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are kept in {out}; run the same command to continue",
               file=sys.stderr)
-        return 130
-    paths = write_comparison(reports, jobs, out, title, failures)
-    print(paths[0].read_text())
+        raise SystemExit(130) from None
+
+
+def _report_batch(paths: list[Path], failures: list[str], n_jobs: int, show: Path | None) -> int:
+    if show is not None:
+        print(show.read_text())
     for p in paths:
         print(f"wrote {p}")
     if failures:
-        raise NestError(f"{len(failures)} of {len(jobs)} runs failed (listed in {paths[0]}).")
+        raise NestError(f"{len(failures)} of {n_jobs} runs failed: {failures[0]}")
     return 0
+
+
+def cmd_compare(args) -> int:
+    from .baselines.compare import plan, write_comparison, write_curves
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    base = _batch_base(args)
+    sizes = _int_list(args.sizes, "--sizes") if args.sizes else None
+    if args.epochs is not None and (args.epochs < 1 or sizes is None):
+        raise NestError("--epochs must be a positive number of epochs, given with --sizes.")
+    out = Path(args.out) if args.out else Path("runs") / re.sub(
+        r"[^A-Za-z0-9_.-]+", "-", f"compare_{base.model}_{base.data.dataset}")
+    dense = _dense_weights(base) if sizes else None
+    jobs = plan(base, methods, list(range(args.seeds)), out, sizes, args.epochs, dense)
+    title = args.title or f"{base.model} on {base.data.dataset}: {args.seeds} seeds per method" + \
+        (f", {args.epochs} epochs per run" if args.epochs else "")
+    finished, failures = _run_batch(jobs, args, out)
+    if sizes:
+        paths = write_curves(finished, jobs, out, title, failures)
+        return _report_batch(paths, failures, len(jobs), paths[1])
+    paths = write_comparison(finished, jobs, out, title, failures)
+    return _report_batch(paths, failures, len(jobs), paths[0])
+
+
+def cmd_sweep(args) -> int:
+    from .baselines.compare import plan_sweep, write_sweep
+
+    key, sep, text = args.values.partition("=")
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not sep or not key.strip() or not values:
+        raise NestError(f"--values expects KEY=V1,V2,... (e.g. seed_net.ratio=0.2,0.6,1.0), got {args.values!r}.")
+    key = key.strip()
+    base = _batch_base(args)
+    out = Path(args.out) if args.out else Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"sweep_{key}")
+    jobs = plan_sweep(base, key, values, list(range(args.seeds)), out)
+    finished, failures = _run_batch(jobs, args, out)
+    title = args.title or f"{base.model} on {base.data.dataset}: {key} sweep, {args.seeds} seeds"
+    paths = write_sweep(finished, jobs, key, out, title, failures)
+    return _report_batch(paths, failures, len(jobs), paths[0])
 
 
 def cmd_compress(args) -> int:
@@ -418,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nestsynth`` console script."""
     args = _parser().parse_args(argv)
     handlers = {"synthesize": cmd_synthesize, "prune": cmd_synthesize, "report": cmd_report,
-                "models": cmd_models, "methods": cmd_methods, "compare": cmd_compare, "compress": cmd_compress}
+                "models": cmd_models, "methods": cmd_methods, "compare": cmd_compare, "sweep": cmd_sweep, "compress": cmd_compress}
     handlers.update(EXPORT_HANDLERS)
     _SIGNAL["terminated"] = False
     try:
@@ -432,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     except KeyboardInterrupt:
         print(_stop_word(), file=sys.stderr)
+        code = 130
+    except SystemExit as exc:  # a handler that exits by itself after an interrupt (130)
+        if exc.code != 130:
+            raise
         code = 130
     except OSError as exc:  # a path the user gave that cannot be read or written
         where = f" {str(exc.filename)!r}" if exc.filename else ""

@@ -230,7 +230,7 @@ class Synthesis:
         p, st = self.cfg.pruning, self.state
         if p.target_weights > 0:
             steps = max(1, round(st.prune_iterations * p.schedule_share))
-            return cubic_count(t, st.prune_start, min(p.target_weights, st.prune_start), steps)
+            return cubic_count(t, st.prune_start, p.target_weights, steps)  # rises if growth stopped below
         if p.schedule == "cubic":  # final_sparsity of the connections live when pruning starts
             return cubic_count(t, st.prune_start, round(st.prune_start * (1 - p.final_sparsity)), p.schedule_steps)
         return None
@@ -410,7 +410,26 @@ class Synthesis:
                 keep = neurons_to_keep(out_abs[h], model.layers[h].mask, model.layers[h + 1].mask,
                                        p.neuron_threshold)
                 neurons[h] = remove_neurons(model, h, keep, out_mean[h], self.optimizer)
+        self._top_up()
         return removed, neurons, rewired
+
+    def _top_up(self) -> int:
+        """Under a size target, grow to the schedule's goal when the network is below it
+        (neuron removal took more, or growth stopped below the target): wake that many
+        dormant connections with the largest |dL/dw| (Policy 1), at weight zero, so a
+        sized run ends at its size.  Returns the connections grown."""
+        p, st, model = self.cfg.pruning, self.state, self.model
+        goal = self._size_goal(st.iteration) if p.target_weights > 0 else None
+        short = 0 if goal is None else goal - model.active_weights()
+        if short <= 0:
+            return 0
+        X, y = self._score_data()
+        scan = gradient_scan(model, X, y, self.cfg.train.eval_batch_size, bridges=False)
+        scores = [g.abs().masked_fill(f, 0.0) for g, f in zip(scan.grads, self._frozen_masks())]
+        new = grow_connections_global(scores, [layer.mask for layer in model.layers], short)
+        for layer, mask in zip(model.layers, new):
+            set_mask(layer, mask, self.optimizer, self.cfg.growth.adam_warm)
+        return short
 
     def _removal_counts(self) -> list[int] | int:
         """Connections to remove now: one count per layer (layer scope) or one for the

@@ -1,6 +1,10 @@
-"""``nestsynth compare``: every method x every seed in one harness, then one table.
+"""``nestsynth compare`` and ``nestsynth sweep``: many runs in one harness, then tables.
 
-Run directories are ``OUT/METHOD/seedN``.  A directory that already holds a finished
+``compare`` runs every method x every seed (``OUT/METHOD/seedN``, comparison.md), or with
+``--sizes`` every method x size x seed (``OUT/METHOD/sizeS/seedN``, curves.csv/md/png): each
+method is told the size through its own knob (:func:`size_overrides`) and, with
+``--epochs``, the same epoch budget.  ``sweep`` runs one synthesis per value of a config
+key (``OUT/KEY=VALUE/seedN``, sweep.csv/png).  A directory that already holds a finished
 run of the same config (same digest) is reused, an unfinished one is continued
 (NeST from its checkpoint, a baseline from its start), so an interrupted comparison
 resumes where it stopped.
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -28,13 +33,89 @@ class Job:
     seed: int
     run_dir: Path
     cfg_toml: str
+    size: int | None = None  # compare --sizes: the target size in active weights
+    value: str | None = None  # sweep: the swept key's value
+
+    @property
+    def key(self) -> tuple:
+        return self.method, self.size, self.value, self.seed
+
+    @property
+    def label(self) -> str:
+        parts = [self.method] + ([f"size {self.size}"] if self.size is not None else []) + \
+            ([self.value] if self.value is not None else [])
+        return f"{', '.join(parts)}, seed {self.seed}"
 
 
-def plan(base: Config, methods: list[str], seeds: list[int], out: Path) -> list[Job]:
-    """One job per (method, seed); configs are validated before anything runs.
+# methods whose size is one sparsity over all weights, with the epoch fields to set for a budget E
+_SPARSITY_KEYS = {"random": "sparsity", "snip": "sparsity", "grasp": "sparsity", "oneshot": "sparsity",
+                  "gradual": "final_sparsity"}
+
+
+def size_overrides(method: str, size: int | None, dense_weights: int, epochs: int | None,
+                   base: Config) -> dict:
+    """The config changes that make ``method`` end at ``size`` active weights within ``epochs``.
+
+    NeST gets ``pruning.target_weights`` (and ``budget_epochs``; growth is capped at
+    ``growth.max_epochs``, a fifth of the budget when the config leaves it open); gradual,
+    oneshot, random, SNIP and GraSP a sparsity of ``1 - size / dense_weights``; L0 its
+    ``target_weights``.  ``dense`` (size None) is trained for the budget as the reference.
+    Methods whose own rule decides the size (han, lottery, sensitivity, lobs, n2ps, radix)
+    are refused.
 
     Raises:
-        NestError: unknown method, empty lists, or a run directory holding another config.
+        NestError: a method without a size knob, or a size outside (0, dense_weights).
+    """
+    if method == "dense":
+        return {"methods": {"dense": {"epochs": epochs}}} if epochs else {}
+    if size is None or not 0 < size < dense_weights:
+        raise NestError(f"size {size} is out of range; it must be between 1 and the dense reference's "
+                        f"{dense_weights - 1:,} weights.")
+    if method == "nest":
+        p: dict = {"target_weights": size}
+        out = {"pruning": p}
+        if epochs:
+            p["budget_epochs"] = epochs
+            if base.growth.max_epochs == 0:
+                out["growth"] = {"max_epochs": max(1, epochs // 5)}
+        return out
+    if method == "l0":
+        return {"methods": {"l0": {"target_weights": size, **({"epochs": epochs} if epochs else {})}}}
+    if method not in _SPARSITY_KEYS:
+        raise NestError(f"method {method} has no size target (its own rule decides the size); compare it "
+                        "without --sizes, or choose among nest, gradual, l0, oneshot, random, snip, grasp, dense.")
+    m = {_SPARSITY_KEYS[method]: 1.0 - size / dense_weights}
+    if epochs:
+        m.update(_budget_fields(method, epochs, base))
+    return {"methods": {method: m}}
+
+
+def _budget_fields(method: str, epochs: int, base: Config) -> dict:
+    """Epoch fields of a sparsity method for a budget of ``epochs`` in all."""
+    if method == "oneshot":
+        dense = max(1, epochs // 3)
+        return {"dense_epochs": dense, "finetune_epochs": epochs - dense}
+    if method == "gradual":  # the schedule ends two thirds in, as in the shipped comparison (40 of 60)
+        g = base.methods.gradual
+        begin = min(g.begin_epoch, max(0, epochs // 10))
+        return {"epochs": epochs - g.dense_epochs, "begin_epoch": begin,
+                "end_epoch": max(begin + 1, round(2 * (epochs - g.dense_epochs) / 3))}
+    return {"epochs": epochs}
+
+
+def plan(base: Config, methods: list[str], seeds: list[int], out: Path, sizes: list[int] | None = None,
+         epochs: int | None = None, dense_weights: int | None = None) -> list[Job]:
+    """One job per (method, seed), or per (method, size, seed) with ``sizes``; configs are
+    validated before anything runs.
+
+    Args:
+        sizes: target sizes in active weights (``compare --sizes``); ``dense`` runs once per seed.
+        epochs: the epoch budget every method gets (None: each method's own, as configured).
+        dense_weights: the dense reference's weights (needed with ``sizes``).
+
+    Raises:
+        NestError: unknown method, empty lists, a method without a size target, or a run
+            directory holding another config.
     """
     known = method_names()
     bad = [m for m in methods if m not in known]
@@ -51,14 +132,41 @@ def plan(base: Config, methods: list[str], seeds: list[int], out: Path) -> list[
                 check_supported(get_method(m), True)
     jobs = []
     for m in methods:
+        for size in ([None] if sizes is None or m == "dense" else sizes):
+            for s in seeds:
+                cfg = config_mod.from_dict({"method": m, "seed": s}, base)
+                if sizes is not None:
+                    cfg = config_mod.from_dict(size_overrides(m, size, dense_weights, epochs, cfg), cfg)
+                elif epochs and m != "nest":
+                    raise NestError("--epochs needs --sizes (each method's budget is set with its size).")
+                run_dir = out / m / (f"size{size}" if size is not None else "") / f"seed{s}"
+                jobs.append(_job(cfg, run_dir, m, s, size=size))
+    return jobs
+
+
+def _job(cfg: Config, run_dir: Path, method: str, seed: int, **extra) -> Job:
+    existing = ckpt.config_path(run_dir)
+    if existing.is_file() and config_mod.load(existing).digest() != cfg.digest():
+        raise NestError(f"{str(run_dir)!r} holds a run of another config; choose another --out "
+                        "or remove that directory.")
+    return Job(method, seed, run_dir, cfg.to_toml(), **extra)
+
+
+def plan_sweep(base: Config, key: str, values: list[str], seeds: list[int], out: Path) -> list[Job]:
+    """One synthesis per (value of ``key``, seed): ``OUT/KEY=VALUE/seedN``.
+
+    Raises:
+        NestError: an unknown key, a bad value (checked for every value before anything
+            runs), or a run directory holding another config.
+    """
+    if not values or not seeds:
+        raise NestError("sweep needs at least one value and one seed.")
+    jobs = []
+    for v in values:
         for s in seeds:
-            cfg = config_mod.from_dict({"method": m, "seed": s}, base)
-            run_dir = out / m / f"seed{s}"
-            existing = ckpt.config_path(run_dir)
-            if existing.is_file() and config_mod.load(existing).digest() != cfg.digest():
-                raise NestError(f"{str(run_dir)!r} holds a run of another config; choose another --out "
-                                "or remove that directory.")
-            jobs.append(Job(m, s, run_dir, cfg.to_toml()))
+            cfg = config_mod.load(None, [f"{key}={v}", f"seed={s}"], base=base)
+            name = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"{key}={v}")
+            jobs.append(_job(cfg, out / name / f"seed{s}", cfg.method, s, value=v))
     return jobs
 
 
@@ -89,18 +197,19 @@ def _run_job(job: Job, data_dir: str | None, threads: int) -> dict:
 
 
 def run_all(jobs: list[Job], data_dir: str | None = None, workers: int = 1, threads: int = 0,
-            tell=print) -> tuple[list[dict], list[str]]:
-    """Run the jobs (``workers`` processes at a time); returns (reports, failures)."""
+            tell=print) -> tuple[list[tuple[Job, dict]], list[str]]:
+    """Run the jobs (``workers`` processes at a time); returns ((job, report) of every
+    finished job in job order, failures)."""
     reports, failures = {}, []
 
     def done(job, result=None, error=None):
         if error is not None:
-            failures.append(f"{job.method} seed {job.seed}: {error}")
-            tell(f"[{job.method} seed {job.seed}] failed: {error}")
+            failures.append(f"{job.label}: {error}")
+            tell(f"[{job.label}] failed: {error}")
             return
-        reports[(job.method, job.seed)] = result
+        reports[job.key] = result
         err = result.get("test_error")
-        tell(f"[{job.method} seed {job.seed}] {'reused' if result['reused'] else 'done'}: "
+        tell(f"[{job.label}] {'reused' if result['reused'] else 'done'} ({len(reports)}/{len(jobs)}): "
              f"{result['weights']['final']} weights, test error "
              f"{'-' if err is None else f'{100 * err:.2f}%'} ({result.get('wall_seconds', 0):.0f} s)")
 
@@ -119,18 +228,16 @@ def run_all(jobs: list[Job], data_dir: str | None = None, workers: int = 1, thre
                     done(futures[fut], fut.result())
                 except NestError as exc:
                     done(futures[fut], error=str(exc))
-    ordered = [reports[(j.method, j.seed)] for j in jobs if (j.method, j.seed) in reports]
-    return ordered, failures
+    return [(j, reports[j.key]) for j in jobs if j.key in reports], failures
 
 
-def write_comparison(reports: list[dict], jobs: list[Job], out: Path, title: str,
+def write_comparison(finished: list[tuple[Job, dict]], jobs: list[Job], out: Path, title: str,
                      failures: list[str] = ()) -> list[Path]:
     """comparison.md, comparison.csv and pareto.png in ``out``."""
     from ..report.comparison import format_csv, format_markdown, plot_pareto, run_row
 
-    run_dirs = {(j.method, j.seed): _relative(j.run_dir, out) for j in jobs}
-    rows = [run_row(r, run_dirs.get((r.get("method", "nest"), r.get("seed")), "")) for r in reports]
-    reference = reports[0]["dense_reference"] if reports else None
+    rows = [run_row(r, _relative(j.run_dir, out)) for j, r in finished]
+    reference = finished[0][1]["dense_reference"] if finished else None
     notes = _budget_notes(jobs) + [f"- failed: {f}" for f in failures]
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "comparison.md", out / "comparison.csv", out / "pareto.png"]
@@ -155,7 +262,14 @@ def _budget_notes(jobs: list[Job]) -> list[str]:
             continue
         seen.add(j.method)
         d = config_mod.tomllib.loads(j.cfg_toml)
-        if j.method == "nest":
+        if j.method == "nest" and d["pruning"]["target_weights"]:
+            g, p = d["growth"], d["pruning"]
+            text = (f"growth ≤ {g['max_epochs'] or g['max_iterations'] * g['epochs_per_iteration']} epochs "
+                    f"({g['epochs_per_iteration']} per iteration) to target {g['target']}, then a cubic size schedule "
+                    f"to the target over {p['schedule_share']:.0%} of the pruning iterations ({p['retrain_epochs']} "
+                    f"epoch each; scope {p['scope']}, learning rate per {p['lr_schedule']}, rewire {p['rewire']}), "
+                    f"final {p['final_epochs']} epochs; budget {p['budget_epochs'] or 'none'} epochs in all")
+        elif j.method == "nest":
             g, p = d["growth"], d["pruning"]
             text = (f"growth ≤ {g['max_iterations']} × {g['epochs_per_iteration']} epochs to target {g['target']}, "
                     f"pruning rate {p['rate']} × ≤ {p['max_iterations']} iterations ({p['retrain_epochs']} epoch "
@@ -169,3 +283,35 @@ def _budget_notes(jobs: list[Job]) -> list[str]:
 
 def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
+
+
+def write_curves(finished: list[tuple[Job, dict]], jobs: list[Job], out: Path, title: str,
+                 failures: list[str] = ()) -> list[Path]:
+    """curves.csv (one row per run), curves.md (mean ± std per method and size) and
+    curves.png (test error vs active weights and vs FLOPs, ±std bands) in ``out``."""
+    from ..report.curves import curve_row, format_curves_csv, format_curves_markdown, plot_curves
+
+    rows = [curve_row(r, j.size, _relative(j.run_dir, out)) for j, r in finished]
+    notes = _budget_notes(jobs) + [f"- failed: {f}" for f in failures]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "curves.csv", out / "curves.md", out / "curves.png"]
+    ckpt.atomic_write_text(paths[0], format_curves_csv(rows))
+    ckpt.atomic_write_text(paths[1], format_curves_markdown(rows, title, notes))
+    plot_curves(rows, paths[2], title)
+    return paths
+
+
+def write_sweep(finished: list[tuple[Job, dict]], jobs: list[Job], key: str, out: Path, title: str,
+                failures: list[str] = ()) -> list[Path]:
+    """sweep.csv (one row per run) and sweep.png in ``out``."""
+    from ..report.curves import format_sweep_csv, plot_sweep, sweep_row
+
+    rows = [sweep_row(r, key, j.value, _relative(j.run_dir, out)) for j, r in finished]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "sweep.csv", out / "sweep.png"]
+    ckpt.atomic_write_text(paths[0], format_sweep_csv(rows))
+    plot_sweep(rows, key, paths[1], title)
+    if failures:
+        ckpt.atomic_write_text(out / "failures.txt", "\n".join(failures) + "\n")
+    return paths
+

@@ -137,15 +137,19 @@ _U_EPS = 1e-6  # u is kept in [eps, 1 - eps] so that log u and log(1 - u) stay f
 class L0Config:
     """Hyperparameters of ``l0`` (section ``[methods.l0]``)."""
 
-    lam: float = 0.5  # penalty per expected non-zero weight, times 1/N (paper: 0.1)
+    lam: float = 0.3  # penalty per expected non-zero weight, times 1/N (paper: 0.1)
     epochs: int = 40
     init_droprate: float = 0.5  # initial log_alpha = log(1 - p) - log(p)
     temperature: float = BETA  # beta of the hard concrete distribution
     gate_lr_scale: float = 10.0  # learning rate of log_alpha relative to the weights'
     weight_decay: float = 0.0  # gate-weighted L2 (the paper's prior precision); 0 = off
+    target_weights: int = 0  # > 0: lam is steered so the test-time gates keep this many weights (see run_l0)
+    target_gain: float = 0.01  # with target_weights: lam *= exp(gain * clip(expected / goal - 1, -1, 1)) per step
 
     def validate(self, prefix: str) -> None:
         check(self.lam >= 0, f"{prefix}.lam", self.lam, "non-negative")
+        check(self.target_weights >= 0, f"{prefix}.target_weights", self.target_weights, ">= 0 (0: lam decides)")
+        check(self.target_gain > 0, f"{prefix}.target_gain", self.target_gain, "positive")
         check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, ">= 1")
         check(0 < self.init_droprate < 1, f"{prefix}.init_droprate", self.init_droprate, "in (0, 1)")
         check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "positive")
@@ -277,9 +281,53 @@ def _l0_optimizer(ctx, gates: L0Gates):
     return opt
 
 
+class L0SizeControl:
+    """``after_step`` hook that steers L0's lam to a size (``[methods.l0] target_weights``).
+
+    Louizos et al. choose lam and take the size it gives.  To compare methods at equal
+    size, lam is instead adjusted after every optimizer step, multiplicatively, by how far
+    the count of test-time gates above zero is from a goal that falls on a cubic schedule
+    from the dense count to the target over the first two thirds of training (as gradual
+    pruning's does) and then stays there: ``lam *= exp(gain * clip(E[L0] / goal - 1, -1, 1))``.
+    The expected L0 (the penalty's own measure) is steered rather than the count of open
+    test-time gates because it answers at once, where the count lags and makes lam
+    overshoot; a closed gate gets no gradient from the data, so an overshoot cannot be
+    undone.  A Lagrangian-style controller, like the target-sparsity control of later L0 work.
+
+    Args:
+        gates: the gated network.
+        lam: the starting lam.
+        target: weights the test-time gates should keep at the end.
+        steps: optimizer steps of the whole training.
+        gain: the controller's step.
+    """
+
+    def __init__(self, gates: L0Gates, lam: float, target: int, steps: int, gain: float):
+        from ..pruning import cubic_count
+
+        self.gates, self.lam, self.gain, self.step = gates, max(lam, 1e-6), gain, 0
+        start = sum(int(layer.mask.sum()) for layer in gates.model.layers)
+        sched = max(1, round(2 * steps / 3))
+        self.goal = lambda t: max(1, cubic_count(t, start, min(target, start), sched))
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            ratio = float(self.gates.expected_l0()) / self.goal(self.step)
+        self.lam *= math.exp(self.gain * min(max(ratio - 1.0, -1.0), 1.0))
+        self.lam = min(max(self.lam, 1e-6), 1e9)
+        self.step += 1
+
+
 @register_method("l0", L0Config, "L0 regularization with hard concrete gates per weight (Louizos et al., 2018)")
 def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
     """Train a gated network with the expected-L0 penalty, then fold the test-time gates in.
+
+    With ``target_weights`` lam follows :class:`L0SizeControl` for all but the last tenth
+    of the epochs (at least one); then exactly ``target_weights`` weights are kept, those
+    with the largest log_alpha (the most open gates; a weight whose test-time gate is
+    closed keeps its ungated value), and the network is fine-tuned with that mask for
+    the remaining epochs.  (Deviation, for equal-size comparisons: Louizos et al. take
+    the size lam gives.)
 
     Returns:
         The model with mask = (z_hat > 0) and weights w * z_hat.
@@ -292,17 +340,49 @@ def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
     scale = math.sqrt(mcfg.gate_lr_scale) if sgd else mcfg.gate_lr_scale
     gates = L0Gates(model, init, mcfg.temperature, scale, ctx.generator).to(ctx.device)
     n_train = len(ctx.X)
+    control, gated_epochs = None, mcfg.epochs
+    if mcfg.target_weights > 0:
+        from .magnitude import steps_per_epoch
+        gated_epochs = mcfg.epochs - max(1, round(mcfg.epochs / 10)) if mcfg.epochs > 1 else mcfg.epochs
+        control = L0SizeControl(gates, mcfg.lam, mcfg.target_weights, gated_epochs * steps_per_epoch(ctx),
+                                mcfg.target_gain)
 
     def penalty() -> torch.Tensor:
-        return gates.penalty(mcfg.lam, n_train, mcfg.weight_decay)
+        return gates.penalty(control.lam if control else mcfg.lam, n_train, mcfg.weight_decay)
 
     def on_epoch(e: int) -> None:
-        ctx.log("l0", e + 1, gates.deterministic_model(), expected_l0=float(gates.expected_l0().detach()))
+        extra = {"lam": control.lam, "goal": control.goal(control.step)} if control else {}
+        ctx.log("l0", e + 1, gates.deterministic_model(), expected_l0=float(gates.expected_l0().detach()), **extra)
 
-    ctx.train(gates, mcfg.epochs, _l0_optimizer(ctx, gates), penalty=penalty, on_epoch=on_epoch)
-    gates.fold_into(model)
+    ctx.train(gates, gated_epochs, _l0_optimizer(ctx, gates), penalty=penalty, on_epoch=on_epoch,
+              after_step=control)
+    if control is None:
+        gates.fold_into(model)
+    else:
+        _keep_most_open(gates, mcfg.target_weights)
+        ctx.log("project", gated_epochs, model)
+        ctx.train(model, mcfg.epochs - gated_epochs)
     ctx.log("final", mcfg.epochs, model)
     return model
+
+
+@torch.no_grad()
+def _keep_most_open(gates: L0Gates, keep: int) -> None:
+    """Fold the gates, keeping exactly ``keep`` weights: those with the largest log_alpha.
+
+    A kept weight is ``w * z_hat``, or ``w`` where its test-time gate ``z_hat`` is 0.
+    """
+    from ..pruning import prune_smallest_global
+
+    layers = gates.model.layers
+    scores = [gates.log_alpha(i).detach() for i in range(len(layers))]
+    masks = [layer.mask for layer in layers]
+    live = sum(int(m.sum()) for m in masks)
+    new = prune_smallest_global(scores, masks, live - keep, [1] * len(layers))
+    for i, (layer, mask) in enumerate(zip(layers, new)):
+        z_hat = deterministic_gate(scores[i])
+        layer.weight.mul_(torch.where(z_hat > 0, z_hat, torch.ones_like(z_hat)))
+        set_mask(layer, mask)
 
 
 # ==================================================================== sensitivity

@@ -34,12 +34,13 @@ def run_row(report: dict, run_dir: str = "") -> dict:
     }
 
 
-def format_csv(rows: list[dict]) -> str:
+def format_csv(rows: list[dict], fields: list[str] = CSV_FIELDS) -> str:
+    """CSV text with a header of ``fields`` (missing values empty)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row.get(k) for k in CSV_FIELDS})
+        writer.writerow({k: row.get(k) for k in fields})
     return buf.getvalue()
 
 

@@ -78,6 +78,8 @@ def build_report(*, cfg, model_name: str, dataset: str, state, rows: list[dict],
     report["widths"].update(seed=state.widths.get("seed"), post_growth=state.widths.get("post_growth"))
     report["growth"] = {"target_val_error": state.target, "reached": state.reached,
                         "iterations": len(growth_rows),
+                        "epochs": len(growth_rows) * cfg.growth.epochs_per_iteration,
+                        "seconds": round(sum(r.get("seconds", 0.0) for r in growth_rows), 3),
                         "grown_connections": sum(r.get("grown_connections", 0) for r in growth_rows),
                         "grown_neurons": [sum(x) for x in zip(*(r["grown_neurons"] for r in growth_rows
                                                                  if r.get("grown_neurons")))]}

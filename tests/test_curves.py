@@ -1,0 +1,95 @@
+"""`compare --sizes` (error-size curves) and `sweep`: one row per run, sizes reached, resume."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from nestsynth import config as C
+from nestsynth.baselines.compare import plan, size_overrides
+from nestsynth.errors import NestError
+from test_cli import _call, _one_error_line
+
+TINY = ["--model", "mlp:64-32-16-10", "--dataset", "digits", "--device", "cpu", "--set", "growth.target=0.0",
+        "--set", "growth.max_iterations=2", "--set", "growth.epochs_per_iteration=1",
+        "--set", "seed_net.ratio=0.5", "--set", "seed_net.density=0.3", "--set", "pruning.retrain_epochs=1"]
+DENSE = 64 * 32 + 32 * 16 + 16 * 10  # 2,720
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_compare_sizes_one_row_per_run_at_its_size_and_resumes(tmp_path):
+    out = tmp_path / "curves"
+    argv = ["compare", "--methods", "nest,gradual,l0,dense", "--sizes", "300,700", "--epochs", "4", "--seeds", "1",
+            "--out", str(out), *TINY]
+    rc, text, err = _call(argv)
+    assert rc == 0, err
+    rows = _rows(out / "curves.csv")
+    keys = sorted((r["method"], r["size"], r["seed"]) for r in rows)
+    expected = sorted([(m, str(s), str(k)) for m in ("nest", "gradual", "l0") for s in (300, 700) for k in (0,)]
+                      + [("dense", "", "0")])
+    assert keys == expected
+    for r in rows:
+        assert int(r["epochs"]) == 4  # one budget for every method, NeST's growth included
+        if r["size"]:
+            assert abs(int(r["weights"]) - int(r["size"])) <= 0.05 * int(r["size"]), r
+        else:
+            assert int(r["weights"]) == DENSE
+    md = (out / "curves.md").read_text()
+    assert "| nest | 300 | 1 |" in md and "| Size | nest | gradual | l0 |" in md
+    assert (out / "curves.png").stat().st_size > 10_000
+    # the same command again reuses every finished run
+    rc, text, err = _call(argv)
+    assert rc == 0 and text.count("reused") == len(rows) and _rows(out / "curves.csv") == rows
+
+
+def test_size_overrides_per_method():
+    base = C.Config()
+    assert size_overrides("nest", 500, 1000, 60, base) == {"pruning": {"target_weights": 500, "budget_epochs": 60},
+                                                          "growth": {"max_epochs": 12}}
+    g = size_overrides("gradual", 250, 1000, 60, base)["methods"]["gradual"]
+    assert g["final_sparsity"] == pytest.approx(0.75) and g["epochs"] == 60 and g["end_epoch"] == 40
+    assert size_overrides("oneshot", 100, 1000, 30, base)["methods"]["oneshot"] == {
+        "sparsity": pytest.approx(0.9), "dense_epochs": 10, "finetune_epochs": 20}
+    assert size_overrides("l0", 100, 1000, None, base) == {"methods": {"l0": {"target_weights": 100}}}
+    with pytest.raises(NestError, match="method han has no size target"):
+        size_overrides("han", 100, 1000, 60, base)
+    with pytest.raises(NestError, match="size 1000 is out of range"):
+        size_overrides("gradual", 1000, 1000, 60, base)
+
+
+def test_compare_sizes_refuses_bad_input(tmp_path):
+    for extra, words in ((["--sizes", "0,5"], "--sizes must be positive"), (["--sizes", "a"], "whole numbers"),
+                         (["--epochs", "5"], "given with --sizes"),
+                         (["--sizes", "100", "--methods", "han"], "no size target")):
+        argv = ["compare", "--methods", "gradual", "--out", str(tmp_path / "x"), *TINY, *extra]
+        if "--methods" in extra:
+            argv = argv[:1] + argv[3:]
+        rc, _, err = _call(argv)
+        assert rc == 2 and words in _one_error_line(err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_plan_directories_and_dense_once(tmp_path):
+    jobs = plan(C.Config(), ["dense", "gradual"], [0, 1], tmp_path, [100, 200], 10, 1000)
+    assert [j.run_dir.relative_to(tmp_path).as_posix() for j in jobs] == [
+        "dense/seed0", "dense/seed1", "gradual/size100/seed0", "gradual/size100/seed1",
+        "gradual/size200/seed0", "gradual/size200/seed1"]
+
+
+def test_sweep_writes_csv_and_plot(tmp_path):
+    out = tmp_path / "sweep"
+    rc, text, err = _call(["sweep", "--values", "seed_net.ratio=0.3,0.6", "--seeds", "1", "--out", str(out), *TINY,
+                           "--set", "pruning.max_iterations=2"])
+    assert rc == 0, err
+    rows = _rows(out / "sweep.csv")
+    assert [(r["key"], r["value"]) for r in rows] == [("seed_net.ratio", "0.3"), ("seed_net.ratio", "0.6")]
+    assert int(rows[0]["seed_weights"]) < int(rows[1]["seed_weights"])  # a larger seed
+    assert all(r["growth_seconds"] and r["post_growth_weights"] for r in rows)
+    assert (out / "sweep.png").stat().st_size > 10_000
+    rc, _, err = _call(["sweep", "--values", "seed_net.nope=1", "--out", str(out / "b"), *TINY])
+    assert rc == 2 and "unknown config key 'seed_net.nope'" in _one_error_line(err)
