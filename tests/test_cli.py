@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -14,31 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import call as _call
+from cli_helpers import one_error_line as _one_error_line
+from cli_helpers import snapshot as _snapshot
+
 from nestsynth.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "configs" / "digits-quick.toml"
 SHORT = ["--set", "growth.max_iterations=2", "--set", "dense.epochs=5", "--set", "pruning.max_iterations=5"]
-
-
-def _call(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("nestsynth: error: ")
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- models

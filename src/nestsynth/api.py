@@ -54,7 +54,8 @@ def as_dataset(data: DataLike, what: str) -> Dataset:
     if X.ndim < 1 or y.ndim < 1 or len(X) != len(y):
         raise NestError(f"the {what} data has {len(X) if X.ndim else 0} inputs but {len(y) if y.ndim else 0} "
                         "labels.")
-    return Dataset(check_features(X, f"the {what} data (X)"), check_labels(y, f"the {what} data (y)"))
+    y = check_labels(y, f"the {what} data (y)")  # first: empty data is "no labels"
+    return Dataset(check_features(X, f"the {what} data (X)"), y)
 
 
 def bundle_from(train: DataLike, val: DataLike | None, test: DataLike | None, cfg: Config) -> DataBundle:

@@ -233,11 +233,13 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
         raise NestError(f"unknown --check {check!r}; valid: test, random.")
     if fmt == "onnx":
         _require_onnx()
+    if out:  # before any work
+        if Path(out).suffix.lower() != SUFFIX[fmt]:
+            raise NestError(f"--out {str(out)!r} must end in {SUFFIX[fmt]} for --format {fmt}.")
+        ckpt.check_can_write(Path(out), "--out")
     src = load_source(run)
     path = Path(out) if out else (src.run_dir or src.model_file.parent) / "export" / f"compact{SUFFIX[fmt]}"
-    if path.suffix.lower() != SUFFIX[fmt]:
-        raise NestError(f"--out {str(path)!r} must end in {SUFFIX[fmt]} for --format {fmt}.")
-    ckpt.check_can_write(path, "--out")
+    ckpt.check_can_write(path, "--out" if out else "the export folder")
     with _torch_threads(threads):
         started = time.perf_counter()
         storage = "dense" if fmt == "onnx" else sparse
