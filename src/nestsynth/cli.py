@@ -281,6 +281,8 @@ def cmd_synthesize(args) -> int:
     tell = Progress(cfg, args.quiet, resume=args.resume)
     if args.resume and not args.quiet:
         print(f"resuming {out} from its last checkpoint", flush=True)
+    elif cfg.method != "nest" and not args.quiet:  # a baseline's first row may come after a long dense phase
+        print(f"{cfg.method}: running; a line follows each step it logs...", flush=True)
     try:
         with ckpt.run_lock(out):
             _, report = run_method(cfg, data, reference, out, resume=args.resume,
