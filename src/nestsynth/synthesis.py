@@ -641,6 +641,8 @@ class Synthesis:
             rows=rows, test_error=test_error, val_error=st.accepted_val,
             ref_widths=self.ref_widths, final_widths=self.model.widths, device=str(self.device),
             input_shape=self.data.input_shape, reference=self.spec)
+        from .sanity import synthesis_warnings
+        report["warnings"] = synthesis_warnings(st, self.data, report)  # also logged (nestsynth.sanity)
         if self.out is not None:
             from .report import write_run_outputs
             write_run_outputs(self.out, self.model, report)

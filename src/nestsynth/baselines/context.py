@@ -83,6 +83,7 @@ class MethodContext:
         X, y / Xv, yv: training / validation tensors on ``device``.
         history: logged rows (``metrics.jsonl``), see :meth:`log`.
         epochs: training epochs spent so far (the budget reported in comparisons).
+        losses: the mean training loss of every epoch, in order (the sanity checks read it).
         dense: the dense reference's errors, when the method trained one (:meth:`record_dense`).
     """
 
@@ -98,6 +99,7 @@ class MethodContext:
         self.Xv, self.yv = (data.val.X.to(device), data.val.y.to(device)) if data.val else (self.X, self.y)
         self.history: list[dict] = []
         self.epochs = 0
+        self.losses: list[float] = []
         self.dense: dict | None = None
         self._t0 = time.monotonic()
 
@@ -155,6 +157,7 @@ class MethodContext:
             loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, self.generator,
                                self._augment(), None, lr_at, penalty, after_step, per_epoch)
             self.epochs += 1
+            self.losses.append(loss)
             if on_epoch is not None:
                 on_epoch(e)
         return loss

@@ -94,7 +94,7 @@ class LobsConfig:
     """``[methods.lobs]``: Layer-wise Optimal Brain Surgeon, then retraining."""
 
     dense_epochs: int = 20  # training of the dense reference before pruning
-    sparsity: float = 0.95  # per-layer fraction of weights removed (exact count)
+    sparsity: float = 0.9  # per-layer fraction of weights removed (exact count)
     output_sparsity: float = -1.0  # sparsity of the last layer; < 0: same as ``sparsity``
     samples: int = 10000  # training examples for the layer Hessians (<= 0: the whole split)
     damping: float = 1e-4  # H + damping * mean(diag H) * I

@@ -15,7 +15,8 @@ Behavior of Sparse Neural Network Topologies")
     ``topology = "random"``: the control of Alford et al. ("the random equivalent"):
     random masks with exactly the same number of connections per layer as the RadiX-Net
     of these settings, every neuron connected.
-    Defaults: density 0.1, epochs 30, ``rescale_init`` false (the layers keep PyTorch's
+    Defaults: density 0.2 (at 0.1 digits' 64-64-32-10 gets a 10-output layer of 36 weights
+    and ends at 18.6% test error; 0.2: 3.3%), epochs 30, ``rescale_init`` false (the layers keep PyTorch's
     dense initialization, as the other from-scratch sparse baselines here; true scales
     each layer's weights by ``1/sqrt(layer density)`` as NeST's seed does).
     Deviations: the reference widths (784-300-100-10) are not ``N' * B_i`` products, so the
@@ -49,7 +50,7 @@ TOPOLOGIES = ("radix", "random")
 class RadixMethodConfig:
     """[methods.radix]: a fixed RadiX-Net (or its random equivalent) trained from scratch."""
 
-    density: float = 0.1  # target density of every layer (used when radices is empty)
+    density: float = 0.2  # target density of every layer (used when radices is empty)
     radices: list = field(default_factory=list)  # one radix per layer, e.g. [10, 10, 10]; [] = from density
     nodes: int = 0  # N' for explicit radices; 0 = product of the radices (one mixed-radix system)
     topology: str = "radix"  # radix | random (same per-layer connection counts, random positions)

@@ -14,6 +14,7 @@ from ..data import DataBundle
 from ..errors import NestError
 from ..metrics import activation_density, layer_table
 from ..registry import CNNSpec, ModelSpec
+from ..sanity import check_run, emit
 from ..sparse import SparseCNN, SparseMLP
 from ..training import evaluate
 from .context import MethodContext, check_supported
@@ -69,6 +70,9 @@ def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | CNNSpec | S
 def method_report(ctx: MethodContext, model: SparseMLP | SparseCNN, model_name: str, wall: float) -> dict:
     """report.json of a finished baseline run (see :func:`nestsynth.report.summary.core_report`).
 
+    ``report["warnings"]`` holds the sanity checks' sentences (:mod:`nestsynth.sanity`),
+    also logged on the ``nestsynth.sanity`` logger.
+
     The dense reference (weights, FLOPs) is ``ctx.spec``'s for a CNN, the MLP of
     ``ctx.widths`` otherwise.
     """
@@ -84,6 +88,8 @@ def method_report(ctx: MethodContext, model: SparseMLP | SparseCNN, model_name: 
                          input_shape=ctx.data.input_shape, dense=ctx.dense, epochs=ctx.epochs, wall=wall,
                          reference=ctx.spec)
     report["method_config"] = json.loads(json.dumps(ctx.cfg.to_dict()["methods"][ctx.cfg.method]))
+    report["warnings"] = emit(check_run(ctx.data, final_val=report["val_error"], final_test=test_error,
+                                        dense=ctx.dense, losses=ctx.losses))
     return report
 
 

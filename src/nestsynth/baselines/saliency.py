@@ -85,7 +85,7 @@ from .registry import register_method
 class SnipConfig:
     """``[methods.snip]``: SNIP pruning at initialization, then training."""
 
-    sparsity: float = 0.95  # fraction of the weights removed (exact: round(total*(1-s)) kept)
+    sparsity: float = 0.9  # fraction of the weights removed (exact: round(total*(1-s)) kept)
     batch_size: int = 500  # examples per scoring minibatch
     score_batches: int = 1  # scoring minibatches (their losses are averaged)
     epochs: int = 30  # training epochs of the pruned network

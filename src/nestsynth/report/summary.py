@@ -50,6 +50,7 @@ def core_report(*, cfg, method: str, model_name: str, dataset: str, rows: list[d
         "layers": [{k: r.get(k) for k in ("name", "in", "out", "weights", "parameters", "flops", "flops_act",
                                           "act_pct", "conv_pct", "kernel", "out_hw") if k in r} for r in rows],
         "budget": {"epochs": epochs},
+        "warnings": [],  # the sanity checks' sentences (nestsynth.sanity), filled in by the runner
         "wall_seconds": round(wall, 2),
         "environment": {"device": device, "torch": torch.__version__, "python": platform.python_version(),
                         "config_digest": cfg.digest()},
