@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from nestsynth.config import TrainConfig, from_dict
 from nestsynth.errors import NestError
 from nestsynth.sparse import SparseMLP
-from nestsynth.training import batch_indices, epoch_steps, steps_per_epoch, train_epoch
+from nestsynth.training import batch_indices, epoch_steps, samples_per_epoch, steps_per_epoch, train_epoch
 
 
 @pytest.mark.parametrize("n, batch, min_steps, expected", [
@@ -118,3 +118,11 @@ def test_method_context_epoch_spans_the_minimum(digits):
     expected = [t.lr * (t.min_lr_scale + (1 - t.min_lr_scale) * 0.5 * (1 + math.cos(math.pi * k / 60)))
                 for k in range(60)]
     assert lrs == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("n, batch, steps, expected", [(1293, 128, 11, 1293), (1293, 128, 150, 19200),
+                                                       (100, 128, 1, 100), (100, 128, 3, 384)])
+def test_samples_per_epoch_counts_what_train_epoch_draws(n, batch, steps, expected):
+    assert samples_per_epoch(n, batch, steps) == expected
+    drawn = sum(len(b) for b in batch_indices(n, batch, steps, torch.Generator().manual_seed(0)))
+    assert drawn == expected

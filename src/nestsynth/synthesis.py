@@ -31,7 +31,8 @@ from .pruning import (constant_rate_removal, cubic_count, effective_scores, neur
 from .registry import CNNSpec, ModelSpec
 from .seeds import make_seed
 from .sparse import SparseMLP, append_units, model_from_arch, set_mask
-from .training import NonFiniteLoss, cosine_lr, epoch_steps, evaluate, make_optimizer, train_epoch
+from .training import (NonFiniteLoss, cosine_lr, epoch_steps, evaluate, make_optimizer, samples_per_epoch,
+                       train_epoch)
 
 MAX_ROLLBACKS = 4
 MAP_SAMPLES = 2048  # examples on which feature-map candidates are compared (Policy 3)
@@ -550,8 +551,9 @@ class Synthesis:
         t = self.cfg.train
         lr = t.lr * lr_scale * self.state.lr_scale
         per_epoch = epoch_steps(t, len(self.X))  # train.min_steps_per_epoch at least
+        samples = epochs * samples_per_epoch(len(self.X), t.batch_size, per_epoch)
         loss = None
-        with tqdm(total=epochs * len(self.X), desc=desc, unit="sample", disable=not self.progress,
+        with tqdm(total=samples, desc=desc, unit="sample", disable=not self.progress,
                   leave=False, dynamic_ncols=True) as bar:
             for e in range(epochs):
                 start, total = (window[0] + e, window[1]) if window else (e, epochs)

@@ -67,6 +67,15 @@ def epoch_steps(cfg: TrainConfig, n: int) -> int:
     return steps_per_epoch(n, cfg.batch_size, cfg.min_steps_per_epoch)
 
 
+def samples_per_epoch(n: int, batch_size: int, steps: int) -> int:
+    """Examples drawn in an epoch of ``steps`` batches over ``n`` examples (progress bars).
+
+    Returns:
+        ``n`` for one pass (``steps <= ceil(n / batch_size)``), else ``steps * batch_size``.
+    """
+    return n if steps <= math.ceil(n / batch_size) else steps * batch_size
+
+
 def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator):
     """The example indices of every batch of one epoch, drawn from ``generator``.
 
