@@ -159,14 +159,29 @@ def plan_sweep(base: Config, key: str, values: list[str], seeds: list[int], out:
         NestError: an unknown key, a bad value (checked for every value before anything
             runs), or a run directory holding another config.
     """
-    if not values or not seeds:
+    if not values:
+        raise NestError("sweep needs at least one value and one seed.")
+    return plan_variants(base, {v: [f"{key}={v}"] for v in values}, seeds, out,
+                         {v: f"{key}={v}" for v in values})
+
+
+def plan_variants(base: Config, variants: dict[str, list[str]], seeds: list[int], out: Path,
+                  dirs: dict[str, str] | None = None) -> list[Job]:
+    """One run per (variant, seed): a variant is a name and its ``key=value`` overrides
+    (an ablation, or one value of a sweep); runs go to ``OUT/NAME/seedN``.
+
+    Raises:
+        NestError: an unknown key or a bad value (every variant is checked before anything
+            runs), no seeds, or a run directory holding another config.
+    """
+    if not variants or not seeds:
         raise NestError("sweep needs at least one value and one seed.")
     jobs = []
-    for v in values:
+    for name, overrides in variants.items():
         for s in seeds:
-            cfg = config_mod.load(None, [f"{key}={v}", f"seed={s}"], base=base)
-            name = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"{key}={v}")
-            jobs.append(_job(cfg, out / name / f"seed{s}", cfg.method, s, value=v))
+            cfg = config_mod.load(None, [*overrides, f"seed={s}"], base=base)
+            folder = re.sub(r"[^A-Za-z0-9_.=-]+", "-", (dirs or {}).get(name, name))
+            jobs.append(_job(cfg, out / folder / f"seed{s}", cfg.method, s, value=name))
     return jobs
 
 
