@@ -47,3 +47,14 @@ def test_baseline_default_on_digits(default_digits, method):
         assert report["weights"]["final"] < DENSE_WEIGHTS
     if method in EXACT_WEIGHTS:
         assert report["weights"]["final"] == EXACT_WEIGHTS[method]
+
+
+@pytest.mark.slow
+def test_nest_default_on_digits(default_digits):
+    """`nestsynth synthesize --dataset digits --model mlp:64-64-32-10` with no config: <= 5% test error,
+    smaller than dense (measured: 1.94% at 2,034 weights; before the training budgets, 33.6% at 200)."""
+    cfg = config_mod.load(None, [f'model="{MODEL}"'])
+    model, report = run_method(cfg, default_digits, resolve_reference(cfg.model, default_digits), None)
+    assert report["test_error"] <= 0.05
+    assert report["weights"]["final"] < DENSE_WEIGHTS
+    assert report["pruning"]["stop_reason"] in ("bound", "floor", "iterations")
