@@ -24,7 +24,7 @@ def small_cifar(tmp_path, monkeypatch):
 def test_vgg16_cifar_seed_grows_and_prunes_end_to_end(small_cifar, tmp_path):
     run = tmp_path / "run"
     sets = ["data.dataset=cifar10", "data.val_fraction=0.2", "data.augment=false", "dense.train=false",
-            "train.batch_size=20", "growth.target=0.0", "growth.max_iterations=2", "growth.epochs_per_iteration=1",
+            "train.batch_size=20", "train.min_steps_per_epoch=0", "growth.target=0.0", "growth.max_iterations=2", "growth.epochs_per_iteration=1",
             "growth.score_samples=40", "growth.map_candidates=2", "growth.feature_maps_per_step=1",
             "growth.neurons_per_step=4", "pruning.max_iterations=1", "pruning.retrain_epochs=1",
             "pruning.recover_epochs=0", "pruning.tolerance=1.0", "pruning.rate=0.1", "pruning.area_rate=0.05"]
