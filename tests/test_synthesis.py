@@ -55,6 +55,7 @@ def _strip_times(report: dict) -> dict:
     r = json.loads(json.dumps(report))
     r.pop("wall_seconds")
     r["dense_reference"].pop("seconds", None)
+    r["growth"].pop("seconds", None)
     return r
 
 

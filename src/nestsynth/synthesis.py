@@ -216,7 +216,7 @@ class Synthesis:
         ``max_iterations`` caps both.
         """
         p, st = self.cfg.pruning, self.state
-        start = self.model.active_weights()
+        start = self._live()
         if p.target_weights > 0 and p.budget_epochs > 0:
             left = p.budget_epochs - st.epochs - p.final_epochs
             planned = max(1, left // max(p.retrain_epochs, 1))
@@ -397,12 +397,14 @@ class Synthesis:
             (connections removed, units removed per hidden layer, connections rewired).
         """
         p, st, model = self.cfg.pruning, self.state, self.model
-        before = model.active_weights()
+        before = self._live()
         self._prune_connections(self._removal_counts())
         rewired = self._rewire() if p.rewire > 0 else 0
-        removed = before - model.active_weights()
+        removed = before - self._live()
         if self.spec is not None:
-            return removed, self._prune_cnn_units(), rewired
+            units = self._prune_cnn_units()
+            self._top_up()
+            return removed, units, rewired
         neurons = [0] * model.n_hidden
         if p.neurons:
             X, _ = self._score_data()
@@ -414,6 +416,10 @@ class Synthesis:
         self._top_up()
         return removed, neurons, rewired
 
+    def _live(self) -> int:
+        """Connections switched on by the masks (a just-grown one is live at weight 0)."""
+        return sum(layer.active_connections() for layer in self.model.layers)
+
     def _top_up(self) -> int:
         """Under a size target, grow to the schedule's goal when the network is below it
         (neuron removal took more, or growth stopped below the target): wake that many
@@ -421,7 +427,7 @@ class Synthesis:
         sized run ends at its size.  Returns the connections grown."""
         p, st, model = self.cfg.pruning, self.state, self.model
         goal = self._size_goal(st.iteration) if p.target_weights > 0 else None
-        short = 0 if goal is None else goal - model.active_weights()
+        short = 0 if goal is None else goal - self._live()
         if short <= 0:
             return 0
         X, y = self._score_data()
@@ -451,7 +457,7 @@ class Synthesis:
         """The least each layer keeps: ``min_weights``, or all of a frozen layer."""
         return [a if i in self.state.frozen else min(self.cfg.pruning.min_weights, a) for i, a in enumerate(active)]
 
-    def _prune_connections(self, counts: list[int] | int, exclude_grad: bool = False) -> list[torch.Tensor]:
+    def _prune_connections(self, counts: list[int] | int) -> list[torch.Tensor]:
         """Remove the smallest |W*|: ``counts[i]`` in layer i, or ``counts`` over all layers.
 
         Returns:
@@ -623,8 +629,11 @@ class Synthesis:
         """NaN loss: return to the last checkpoint with half the learning rate."""
         rollbacks, scale = self.state.rollbacks + 1, self.state.lr_scale * 0.5
         if rollbacks > MAX_ROLLBACKS or self._last is None:
-            raise NestError(f"training diverged (NaN loss) {rollbacks} times even after halving the "
-                            "learning rate; lower train.lr.")
+            t = self.cfg.train
+            raise NestError(f"training diverged: the loss became NaN or infinite {rollbacks} times even after "
+                            f"halving the learning rate each time (now {t.lr * scale:g}); lower train.lr "
+                            f"({t.lr:g}) or the values that scale updates (train.weight_decay, train.momentum, "
+                            "pruning.lr_scale, growth.alpha).")
         self._restore(self._last)
         self.state.rollbacks, self.state.lr_scale = rollbacks, scale  # _train reads lr_scale
 
