@@ -143,8 +143,10 @@ def _validation_warnings(data) -> list[str]:
 def synthesis_warnings(state, data, report: dict) -> list[str]:
     """:func:`check_run` for a finished NeST run (``state`` is its LoopState), logged."""
     growth_rows = [r for r in state.history if r["phase"] == "growth"]
+    # under a size target the growth target is a stopping hint, not a promise: pruning goes to the size anyway
+    sized = bool(report.get("pruning", {}).get("target_weights"))
     growth = ({"reached": state.reached, "target": state.target, "val_error": growth_rows[-1]["val_error"],
-               "iterations": len(growth_rows)} if growth_rows else None)
+               "iterations": len(growth_rows)} if growth_rows and not sized else None)
     losses = [r["train_loss"] for r in state.history if r.get("train_loss") is not None]
     return emit(check_run(data, final_val=report.get("val_error"), final_test=report.get("test_error"),
                           dense=state.dense, losses=losses, growth=growth))
