@@ -127,3 +127,15 @@ def test_rewiring_keeps_the_size_and_moves_connections(digits):
     assert [r["weights"] for r in rows] == [cubic_count(t, start, 600, 3) for t in range(3)]
     assert rows[0]["rewired"] == round(0.2 * cubic_count(0, start, 600, 3))
     assert "rewired" not in rows[-1] or rows[-1]["rewired"] < rows[0]["rewired"]
+
+
+def test_cnn_size_target_is_hit_with_feature_map_removal(digits):
+    from test_synthesis_cnn import small_cnn_cfg
+
+    cfg = small_cnn_cfg(pruning={"target_weights": 400, "scope": "global", "schedule_steps": 4, "schedule_share": 0.5,
+                                 "neuron_threshold": 0.2, "max_iterations": 10})
+    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
+    model, report = syn.run()
+    live = sum(layer.active_connections() for layer in model.layers)
+    assert live == 400 and report["pruning"]["stop_reason"] == "target"
+    assert model.active_weights() <= 400
