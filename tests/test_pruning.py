@@ -140,3 +140,29 @@ def test_cubic_removal_by_hand():
     assert cubic_removal(9, 150, 1000, 0.9, 10) == 50
     assert cubic_removal(20, 100, 1000, 0.9, 10) == 0
     assert cubic_removal(9, 150, 1000, 0.9, 10, floor=120) == 30
+
+
+def test_lamp_scores_by_hand_and_largest_weight_of_every_layer_scores_one():
+    from nestsynth.pruning import lamp_scores
+
+    s = lamp_scores(torch.tensor([[0.0, 3.0], [1.0, 2.0]]))
+    assert torch.allclose(s, torch.tensor([[0.0, 1.0], [1 / 14, 4 / 13]]))
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1e-3, 1.0, 1e3):  # scale-free: a layer's scores do not depend on its weights' size
+        w = torch.rand(5, 7, generator=gen)
+        assert float(lamp_scores(w * scale).max()) == pytest.approx(1.0)
+        assert torch.allclose(lamp_scores(w * scale), lamp_scores(w), atol=1e-6)
+
+
+def test_lamp_scope_keeps_a_small_scale_layer_that_global_starves():
+    from nestsynth.baselines.magnitude import oneshot_masks
+    from nestsynth.sparse import SparseMLP
+
+    model = SparseMLP([6, 5, 3])
+    with torch.no_grad():
+        model.layers[0].weight.copy_(torch.arange(1, 31, dtype=torch.float32).view(5, 6))
+        model.layers[1].weight.copy_(torch.arange(1, 16, dtype=torch.float32).view(3, 5) * 1e-3)
+    g = oneshot_masks(model, 0.8, "global")  # keep 9 of 45: all from layer 0
+    assert [int(m.sum()) for m in g] == [9, 0]
+    lamp = oneshot_masks(model, 0.8, "lamp")
+    assert int(lamp[1].sum()) > 0 and sum(int(m.sum()) for m in lamp) == 9

@@ -26,8 +26,8 @@ from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_
                      grow_neurons)
 from .growth.scores import scan_indices
 from .metrics import activation_density, layer_table, totals
-from .pruning import (constant_rate_removal, cubic_count, effective_scores, neurons_to_keep, output_statistics,
-                      prune_smallest_global, remove_neurons, split_removal)
+from .pruning import (constant_rate_removal, cubic_count, effective_scores, lamp_scores, neurons_to_keep,
+                      output_statistics, prune_smallest_global, remove_neurons, split_removal)
 from .registry import CNNSpec, ModelSpec
 from .seeds import make_seed
 from .sparse import SparseMLP, append_units, model_from_arch, set_mask
@@ -449,9 +449,9 @@ class Synthesis:
         if goal is None:
             counts = [0 if i in st.frozen else constant_rate_removal(a, p.rate * st.rate_scale, p.min_weights)
                       for i, a in enumerate(active)]
-            return sum(counts) if p.scope == "global" else counts
+            return sum(counts) if p.scope != "layer" else counts
         total = max(0, sum(active) - goal)
-        return total if p.scope == "global" else split_removal(total, active, floors)
+        return total if p.scope != "layer" else split_removal(total, active, floors)
 
     def _floors(self, active: list[int]) -> list[int]:
         """The least each layer keeps: ``min_weights``, or all of a frozen layer."""
@@ -466,6 +466,8 @@ class Synthesis:
         model = self.model
         old = [layer.mask.clone() for layer in model.layers]
         scores = [effective_scores(model, i) for i in range(len(model.layers))]
+        if self.cfg.pruning.scope == "lamp":
+            scores = [lamp_scores(s) for s in scores]
         floors = self._floors([layer.active_connections() for layer in model.layers])
         if isinstance(counts, int):
             new = prune_smallest_global(scores, old, counts, floors)
@@ -491,7 +493,7 @@ class Synthesis:
         k = int(round(share * sum(live)))
         if k <= 0:
             return 0
-        counts = k if p.scope == "global" else split_removal(k, live, self._floors(live))
+        counts = k if p.scope != "layer" else split_removal(k, live, self._floors(live))
         before = self._prune_connections(counts)
         dropped = [b.bool() & ~layer.mask.bool() for b, layer in zip(before, model.layers)]
         X, y = self._score_data()
@@ -500,7 +502,7 @@ class Synthesis:
                   zip(scan.grads, dropped, self._frozen_masks())]
         masks = [layer.mask for layer in model.layers]
         n = sum(int(d.sum()) for d in dropped)
-        new = grow_connections_global(scores, masks, n) if p.scope == "global" else \
+        new = grow_connections_global(scores, masks, n) if p.scope != "layer" else \
             [grow_connections(sc, m, int(d.sum())) for sc, m, d in zip(scores, masks, dropped)]
         for layer, mask in zip(model.layers, new):
             set_mask(layer, mask, self.optimizer, self.cfg.growth.adam_warm)

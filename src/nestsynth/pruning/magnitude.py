@@ -71,3 +71,30 @@ def prune_smallest_global(scores: list[torch.Tensor], masks: list[torch.Tensor],
         for o, d in zip(out, drop.split([m.numel() for m in masks])):
             o.view(-1)[d.to(o.device)] = 0
     return out
+
+
+def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
+    """LAMP scores of one layer (Lee et al., ICLR 2021): ``s_u^2 / sum_{v: s_v >= s_u} s_v^2``.
+
+    A layer-normalized magnitude: the largest weight of every layer scores 1, so a global
+    ranking of LAMP scores cannot starve a layer whose weights are small in absolute terms
+    (e.g. the output layer, whose |w| falls behind the first layer's in long training).
+    Ties in ``scores`` get the scores of their sorted positions (by index).
+
+    Args:
+        scores: a layer's magnitudes, any shape (dormant entries 0).
+
+    Returns:
+        Scores of the same shape in [0, 1].
+
+    Example:
+        >>> lamp_scores(torch.tensor([1.0, 2.0, 2.0])).tolist()  # 1/9, 4/8, 4/4
+        [0.1111111119389534, 0.5, 1.0]
+    """
+    flat = scores.flatten().to(torch.float64)
+    order = torch.argsort(flat, stable=True)
+    sq = flat[order] ** 2
+    suffix = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])  # sum of this and every larger square
+    out = torch.empty_like(flat)
+    out[order] = torch.where(suffix > 0, sq / suffix.clamp_min(1e-300), torch.zeros_like(sq))
+    return out.view_as(scores).to(scores.dtype)
