@@ -61,7 +61,7 @@ def main() -> int:
     for ext in ("csv", "png"):
         (out / f"ablation.{ext}").write_bytes((out / f"sweep.{ext}").read_bytes())
     copy_results(out, ROOT / "bench" / "results" / "ablation_lenet300", " ".join(sys.argv[1:]),
-                 time.monotonic() - t0, "ablation")
+                 time.monotonic() - t0, "ablation", "ablation_lenet300.py")
     return 1 if failures else 0
 
 

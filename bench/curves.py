@@ -51,12 +51,12 @@ def main() -> int:
     return rc
 
 
-def copy_results(out: Path, results: Path, argv: str, wall: float, stem: str) -> None:
+def copy_results(out: Path, results: Path, argv: str, wall: float, stem: str, script: str = "curves.py") -> None:
     """STEM.csv/.md/.png and every run's report.json and metrics.jsonl into ``results``."""
     import torch
 
     results.mkdir(parents=True, exist_ok=True)
-    header = (f"<!-- command: python bench/{Path(__file__).name} {argv}; machine: {platform.machine()} "
+    header = (f"<!-- command: python bench/{script} {argv}; machine: {platform.machine()} "
               f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}; wall of this "
               f"invocation {wall:.0f} s (finished runs are reused) -->\n\n")
     (results / f"{stem}.md").write_text(header + (out / f"{stem}.md").read_text())
