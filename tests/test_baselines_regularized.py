@@ -14,6 +14,7 @@ from nestsynth.baselines.regularized import (
     prob_nonzero, sensitivity, threshold_prune)
 from nestsynth.config import from_dict
 from nestsynth.errors import NestError
+from nestsynth.pruning import cubic_count
 
 
 def _context(digits, method: str, mcfg: dict) -> MethodContext:
@@ -256,3 +257,40 @@ def test_sensitivity_end_to_end_on_digits(digits, variant, sgd_lr):
 def test_config_rejects_out_of_range_values(method, key, value):
     with pytest.raises(NestError, match=f"methods.{method}.{key}"):
         from_dict({"method": method, "methods": {method: {key: value}}})
+
+
+def test_l0_size_control_raises_lam_above_the_goal_and_lowers_it_below():
+    from nestsynth.baselines.regularized import L0Gates, L0SizeControl
+    from nestsynth.sparse import SparseMLP
+
+    model = SparseMLP([6, 5, 3])
+    open_ = L0Gates(model, [torch.full(layer.weight.shape, 5.0) for layer in model.layers])
+    ctl = L0SizeControl(open_, 1.0, 10, steps=3, gain=0.1)  # goal falls from 45 to 10 over 2 steps
+    assert [ctl.goal(t) for t in range(3)] == [cubic_count(t, 45, 10, 2) for t in range(3)]
+    ctl()  # every gate open: E[L0] ~ 45 > goal -> lam *= exp(0.1 * clip(ratio - 1))
+    ratio = float(open_.expected_l0().detach()) / ctl.goal(0)
+    assert ctl.lam == pytest.approx(math.exp(0.1 * min(ratio - 1, 1.0)))
+    shut = L0Gates(model, [torch.full(layer.weight.shape, -8.0) for layer in model.layers])
+    low = L0SizeControl(shut, 1.0, 10, steps=3, gain=0.1)
+    low()  # every gate nearly shut: E[L0] << goal -> lam falls, by at most exp(-0.1)
+    assert math.exp(-0.1) <= low.lam < 1.0
+
+
+def test_keep_most_open_keeps_exactly_the_largest_log_alpha():
+    from nestsynth.baselines.regularized import L0Gates, _keep_most_open, deterministic_gate
+    from nestsynth.sparse import SparseMLP
+
+    gen = torch.Generator().manual_seed(1)
+    model = SparseMLP([4, 3, 2], generator=gen)
+    w0 = [layer.weight.detach().clone() for layer in model.layers]
+    la = [torch.randn(layer.weight.shape, generator=gen) * 3 for layer in model.layers]
+    gates = L0Gates(model, la)
+    _keep_most_open(gates, 7)
+    flat = torch.cat([a.flatten() for a in la])
+    threshold = flat.sort(descending=True).values[6]
+    for layer, a, w in zip(model.layers, la, w0):
+        assert torch.equal(layer.mask.bool(), a >= threshold)
+        z = deterministic_gate(a)
+        expected = torch.where(z > 0, w * z, w) * layer.mask
+        assert torch.allclose(layer.weight.detach(), expected)
+    assert sum(int(layer.mask.sum()) for layer in model.layers) == 7

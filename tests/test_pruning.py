@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nest_helpers import random_mask, sparse_model
-from nestsynth.pruning import (constant_rate_removal, cubic_removal, cubic_sparsity, effective_scores,
+from nestsynth.pruning import (constant_rate_removal, cubic_sparsity, effective_scores,
                                neurons_to_keep, output_statistics, prune_smallest, remove_neurons)
 
 
@@ -131,15 +131,6 @@ def test_cubic_sparsity_by_hand():
     assert cubic_sparsity(5, 0.8, 10, initial=0.2) == pytest.approx(0.8 + (0.2 - 0.8) * 0.125)
     assert cubic_sparsity(0, 0.8, 10, initial=0.2) == pytest.approx(0.2)
     assert cubic_sparsity(1, 0.9, 10) == pytest.approx(0.9 - 0.9 * 0.9 ** 3)
-
-
-def test_cubic_removal_by_hand():
-    # s(1) = 0.9 - 0.9 * 0.729 = 0.2439 -> target round(1000 * 0.7561) = 756 -> remove 244
-    assert cubic_removal(0, 1000, 1000, 0.9, 10) == 244
-    # at the end: target 100 of 1000
-    assert cubic_removal(9, 150, 1000, 0.9, 10) == 50
-    assert cubic_removal(20, 100, 1000, 0.9, 10) == 0
-    assert cubic_removal(9, 150, 1000, 0.9, 10, floor=120) == 30
 
 
 def test_lamp_scores_by_hand_and_largest_weight_of_every_layer_scores_one():

@@ -22,7 +22,7 @@ def _run(cfg, digits):
 def test_cubic_count_by_hand():
     assert [cubic_count(t, 1000, 100, 4) for t in range(6)] == [
         round(100 + 900 * (1 - k / 4) ** 3) for k in (1, 2, 3, 4)] + [100, 100]
-    assert cubic_count(-3, 500, 50, 2) == 500 - 0  # before the schedule: the start
+    assert cubic_count(-1, 500, 50, 2) == 500  # before the schedule: the start
     assert cubic_count(0, 100, 100, 3) == 100
 
 
@@ -139,3 +139,23 @@ def test_cnn_size_target_is_hit_with_feature_map_removal(digits):
     live = sum(layer.active_connections() for layer in model.layers)
     assert live == 400 and report["pruning"]["stop_reason"] == "target"
     assert model.active_weights() <= 400
+
+
+def test_rewire_step_drops_smallest_and_regrows_other_dormant_connections(digits):
+    # _rewire alone (no top-up behind it): same live count, the dropped were the smallest |W*|
+    # among the live, and as many previously dormant connections (none of the dropped) are live now
+    cfg = small_cfg(pruning={"neurons": False, "target_weights": 600, "schedule_steps": 3, "schedule_share": 1.0,
+                             "rewire": 0.2, "scope": "global", "max_iterations": 10})
+    syn, model, _ = _run(cfg, digits)
+    syn.state.iteration = 0  # the cosine share is rewire * 1 at the schedule's start
+    before = [layer.mask.clone().bool() for layer in syn.model.layers]
+    scores = torch.cat([syn.model.effective_weight(i).abs()[b] for i, b in enumerate(before)])
+    n = syn._rewire()
+    after = [layer.mask.bool() for layer in syn.model.layers]
+    dropped = torch.cat([(b & ~a).flatten() for b, a in zip(before, after)])
+    grown = [a & ~b for b, a in zip(before, after)]
+    assert n == round(0.2 * sum(int(b.sum()) for b in before)) and int(dropped.sum()) == n
+    assert sum(int(g.sum()) for g in grown) == n
+    kept_scores = torch.cat([syn.model.effective_weight(i).abs()[b & a] for i, (b, a) in enumerate(zip(before, after))])
+    assert float(scores.sort().values[n - 1]) <= float(kept_scores.min())  # the n smallest went
+    assert all(float(layer.weight.detach()[g].abs().sum()) == 0.0 for layer, g in zip(syn.model.layers, grown))

@@ -229,12 +229,15 @@ class Synthesis:
     def _size_goal(self, t: int) -> int | None:
         """Live connections wanted after pruning step t; None under the constant rate."""
         p, st = self.cfg.pruning, self.state
-        if p.target_weights > 0:
-            steps = max(1, round(st.prune_iterations * p.schedule_share))
-            return cubic_count(t, st.prune_start, p.target_weights, steps)  # rises if growth stopped below
+        if p.target_weights > 0:  # rises if growth stopped below the target
+            return cubic_count(t, st.prune_start, p.target_weights, self._falling_steps())
         if p.schedule == "cubic":  # final_sparsity of the connections live when pruning starts
             return cubic_count(t, st.prune_start, round(st.prune_start * (1 - p.final_sparsity)), p.schedule_steps)
         return None
+
+    def _falling_steps(self) -> int:
+        """Iterations over which a size target's schedule falls (``schedule_share`` of the planned)."""
+        return max(1, round(self.state.prune_iterations * self.cfg.pruning.schedule_share))
 
     def _pruning_step(self) -> None:
         """One pruning iteration: prune, retrain, then accept or reject by the validation bound.
@@ -430,13 +433,23 @@ class Synthesis:
         short = 0 if goal is None else goal - self._live()
         if short <= 0:
             return 0
+        self._grow_by_gradient(short)
+        return short
+
+    def _grow_by_gradient(self, counts: list[int] | int, barred: list[torch.Tensor] | None = None) -> None:
+        """Wake the dormant connections with the largest |dL/dw| (Policy 1's score), at
+        weight 0: ``counts`` over all layers, or ``counts[i]`` in layer i.  Frozen layers
+        and the ``barred`` positions (bool, one per layer) cannot grow."""
+        model = self.model
         X, y = self._score_data()
         scan = gradient_scan(model, X, y, self.cfg.train.eval_batch_size, bridges=False)
-        scores = [g.abs().masked_fill(f, 0.0) for g, f in zip(scan.grads, self._frozen_masks())]
-        new = grow_connections_global(scores, [layer.mask for layer in model.layers], short)
+        blocked = self._frozen_masks() if barred is None else [f | b for f, b in zip(self._frozen_masks(), barred)]
+        scores = [g.abs().masked_fill(b, 0.0) for g, b in zip(scan.grads, blocked)]
+        masks = [layer.mask for layer in model.layers]
+        new = grow_connections_global(scores, masks, counts) if isinstance(counts, int) else \
+            [grow_connections(s, m, k) for s, m, k in zip(scores, masks, counts)]
         for layer, mask in zip(model.layers, new):
             set_mask(layer, mask, self.optimizer, self.cfg.growth.adam_warm)
-        return short
 
     def _removal_counts(self) -> list[int] | int:
         """Connections to remove now: one count per layer (layer scope) or one for the
@@ -487,7 +500,7 @@ class Synthesis:
             Connections rewired.
         """
         p, st, model = self.cfg.pruning, self.state, self.model
-        steps = max(1, round(st.prune_iterations * p.schedule_share)) if st.prune_iterations else p.max_iterations
+        steps = self._falling_steps() if st.prune_iterations else p.max_iterations
         share = p.rewire * 0.5 * (1 + math.cos(math.pi * min(st.iteration, steps) / steps))
         live = [layer.active_connections() for layer in model.layers]
         k = int(round(share * sum(live)))
@@ -496,17 +509,9 @@ class Synthesis:
         counts = k if p.scope != "layer" else split_removal(k, live, self._floors(live))
         before = self._prune_connections(counts)
         dropped = [b.bool() & ~layer.mask.bool() for b, layer in zip(before, model.layers)]
-        X, y = self._score_data()
-        scan = gradient_scan(model, X, y, self.cfg.train.eval_batch_size, bridges=False)
-        scores = [g.abs().masked_fill(d | frozen_mask, 0.0) for g, d, frozen_mask in
-                  zip(scan.grads, dropped, self._frozen_masks())]
-        masks = [layer.mask for layer in model.layers]
-        n = sum(int(d.sum()) for d in dropped)
-        new = grow_connections_global(scores, masks, n) if p.scope != "layer" else \
-            [grow_connections(sc, m, int(d.sum())) for sc, m, d in zip(scores, masks, dropped)]
-        for layer, mask in zip(model.layers, new):
-            set_mask(layer, mask, self.optimizer, self.cfg.growth.adam_warm)
-        return n
+        per_layer = [int(d.sum()) for d in dropped]
+        self._grow_by_gradient(sum(per_layer) if p.scope != "layer" else per_layer, dropped)
+        return sum(per_layer)
 
     def _frozen_masks(self) -> list[torch.Tensor]:
         """Per layer: all True for a frozen layer (nothing may grow there), else all False."""

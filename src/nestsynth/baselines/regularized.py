@@ -290,7 +290,7 @@ class L0SizeControl:
 
     Louizos et al. choose lam and take the size it gives.  To compare methods at equal
     size, lam is instead adjusted after every optimizer step, multiplicatively, by how far
-    the count of test-time gates above zero is from a goal that falls on a cubic schedule
+    the expected L0 is from a goal that falls on a cubic schedule
     from the dense count to the target over the first two thirds of training (as gradual
     pruning's does) and then stays there: ``lam *= exp(gain * clip(E[L0] / goal - 1, -1, 1))``.
     The expected L0 (the penalty's own measure) is steered rather than the count of open

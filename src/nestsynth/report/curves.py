@@ -71,14 +71,29 @@ def _series(rows: list[dict], method: str, x: str) -> list[tuple[float, float, f
     return sorted(out)
 
 
-def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
-    """Test error vs active weights (left) and vs activation-aware FLOPs (right): one line
-    per method with a ±std band; a dense run is a dashed horizontal line."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def _save(fig, path: Path, title: str) -> None:
+    """Title, lay out, write ``path`` (folders made) and close the figure."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    _pyplot().close(fig)
+
+
+def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
+    """Test error vs active weights (left) and vs activation-aware FLOPs (right): one line
+    per method with a ±std band; a dense run is a dashed horizontal line."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     cmap = plt.get_cmap("tab10")
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -99,12 +114,7 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
         ax.set_ylabel("test error (%)")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(frameon=False, fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path, title)
 
 
 def sweep_row(report: dict, key: str, value: str, run_dir: str = "") -> dict:
@@ -134,11 +144,7 @@ def _numeric(value: str) -> float | None:
 def plot_sweep(rows: list[dict], key: str, path: Path, title: str = "") -> None:
     """Three panels against the swept value (categorical when not numeric), mean ± std:
     growth time vs post-growth size (paper Fig. 6), final size (Fig. 7) and compression."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     values = list(dict.fromkeys(r["value"] for r in rows))
     nums = [_numeric(v) for v in values]
     xs = nums if all(n is not None for n in nums) else list(range(len(values)))
@@ -160,9 +166,4 @@ def plot_sweep(rows: list[dict], key: str, path: Path, title: str = "") -> None:
         ax.grid(alpha=0.3)
         if xfield is None and xs is not nums:
             ax.set_xticks(xs, values)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path, title)
