@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nestsynth.api import resolve_reference
-from nestsynth.pruning import cubic_count, prune_smallest_global, split_removal
+from nestsynth.pruning import cubic_count, erk_allocation, prune_smallest_global, split_removal
 from nestsynth.synthesis import Synthesis
 
 from test_synthesis import small_cfg
@@ -30,6 +30,20 @@ def test_split_removal_floors_and_proportion():
     assert split_removal(60, [100, 200, 300], [1, 1, 1]) == [10, 20, 30]
     assert split_removal(60, [100, 200, 3], [1, 1, 3]) == [20, 40, 0]
     assert split_removal(0, [5, 5], [1, 1]) == [0, 0]
+
+
+def test_erk_allocation_by_hand():
+    # counts proportional to the sum of each shape's dimensions: 1084 : 400 : 110
+    assert erk_allocation(3000, [(300, 784), (100, 300), (10, 100)]) == [2040, 753, 207]
+    assert erk_allocation(1594, [(300, 784), (100, 300), (10, 100)]) == [1084, 400, 110]
+    # the small layer is full (100 of 100): the rest goes to the other one
+    assert erk_allocation(2000, [(10, 100), (10, 10)]) == [1000, 100]
+    assert erk_allocation(1050, [(10, 100), (10, 10)]) == [950, 100]
+    assert erk_allocation(5000, [(10, 100), (10, 10)]) == [1000, 100]  # all there is
+    # a conv kernel counts its height and width: (6 + 1 + 5 + 5) : (10 + 6)
+    assert erk_allocation(33, [(6, 1, 5, 5), (10, 6)]) == [17, 16]
+    for total in range(0, 1200, 37):
+        assert sum(erk_allocation(total, [(10, 100), (10, 10), (3, 10)])) == min(total, 1130)
 
 
 def test_global_selector_equals_brute_force_sort():
@@ -68,6 +82,18 @@ def test_size_target_is_hit_exactly(digits, scope):
     else:  # per-layer shares are rounded: within one connection per layer
         assert all(abs(r["weights"] - g) <= len(model.layers) for r, g in zip(rows, goals))
     assert abs(model.active_weights() - 700) <= (0 if scope == "global" else len(model.layers))
+    assert report["pruning"]["stop_reason"] == "target"
+
+
+@pytest.mark.parametrize("neurons", [False, True])
+def test_erk_scope_holds_every_layer_at_its_share(digits, neurons):
+    cfg = small_cfg(pruning={"neurons": neurons, "neuron_threshold": 0.3, "target_weights": 500, "scope": "erk",
+                             "schedule_steps": 4, "schedule_share": 0.5, "max_iterations": 10})
+    syn, model, report = _run(cfg, digits)
+    rows = [r for r in syn.state.history if r["phase"] == "pruning"]
+    assert len(rows) == 4 and rows[-1]["weights"] == 500 and model.active_weights() == 500
+    shapes = [tuple(layer.mask.shape) for layer in model.layers]
+    assert model.active_per_layer() == erk_allocation(500, shapes)
     assert report["pruning"]["stop_reason"] == "target"
 
 

@@ -125,7 +125,8 @@ class PruningConfig:
     final_lr_scale: float = 0.1
     area: bool = True  # CNNs: partial-area convolution (Algorithm 2) in every pruning iteration
     area_rate: float = 0.01  # gamma: share of each conv layer's live output positions removed per iteration
-    scope: str = "layer"  # layer: same share per layer (Policy 4); global: one |W*| ranking; lamp: one LAMP ranking
+    scope: str = "layer"  # layer: same share per layer (Policy 4); global: one |W*| ranking; lamp: one LAMP ranking;
+    # erk: a size schedule's goal shared among layers by the Erdos-Renyi rule, |W*| ranked within each
     target_weights: int = 0  # > 0: prune on a cubic size schedule to this many connections (see README)
     budget_epochs: int = 0  # with target_weights: epochs of the whole synthesis (dense reference included); 0 = none
     schedule_share: float = 0.75  # with target_weights: share of the pruning iterations over which the size falls
@@ -392,7 +393,7 @@ def validate(cfg: Config) -> None:
     _check(p.neuron_threshold >= 0, "pruning.neuron_threshold", p.neuron_threshold, "non-negative")
     _check(p.final_lr_scale > 0, "pruning.final_lr_scale", p.final_lr_scale, "positive")
     _check(0 <= p.area_rate < 1, "pruning.area_rate", p.area_rate, "in [0, 1)")
-    _check(p.scope in ("layer", "global", "lamp"), "pruning.scope", p.scope, "layer, global or lamp")
+    _check(p.scope in ("layer", "global", "lamp", "erk"), "pruning.scope", p.scope, "layer, global, lamp or erk")
     _check(p.target_weights >= 0, "pruning.target_weights", p.target_weights, ">= 0 (0: no size target)")
     _check(p.budget_epochs >= 0, "pruning.budget_epochs", p.budget_epochs, ">= 0 (0: no budget)")
     _check(0 < p.schedule_share <= 1, "pruning.schedule_share", p.schedule_share, "in (0, 1]")

@@ -26,8 +26,8 @@ from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_
                      grow_neurons)
 from .growth.scores import scan_indices
 from .metrics import activation_density, layer_table, totals
-from .pruning import (constant_rate_removal, cubic_count, effective_scores, lamp_scores, neurons_to_keep,
-                      output_statistics, prune_smallest_global, remove_neurons, split_removal)
+from .pruning import (constant_rate_removal, cubic_count, effective_scores, erk_allocation, lamp_scores,
+                      neurons_to_keep, output_statistics, prune_smallest_global, remove_neurons, split_removal)
 from .registry import CNNSpec, ModelSpec
 from .seeds import make_seed
 from .sparse import SparseMLP, append_units, model_from_arch, set_mask
@@ -430,11 +430,24 @@ class Synthesis:
         sized run ends at its size.  Returns the connections grown."""
         p, st, model = self.cfg.pruning, self.state, self.model
         goal = self._size_goal(st.iteration) if p.target_weights > 0 else None
-        short = 0 if goal is None else goal - self._live()
+        if goal is None:
+            return 0
+        if p.scope == "erk":  # each layer back to its own share
+            live = [layer.active_connections() for layer in model.layers]
+            short = [max(0, g - a) for g, a in zip(self._layer_goals(goal), live)]
+            if sum(short) > 0:
+                self._grow_by_gradient(short)
+            return sum(short)
+        short = goal - self._live()
         if short <= 0:
             return 0
         self._grow_by_gradient(short)
         return short
+
+    def _layer_goals(self, goal: int) -> list[int]:
+        """``pruning.scope = "erk"``: the network's goal shared among layers by the
+        Erdős–Rényi(-kernel) rule over their present shapes (:func:`erk_allocation`)."""
+        return erk_allocation(goal, [tuple(layer.mask.shape) for layer in self.model.layers])
 
     def _grow_by_gradient(self, counts: list[int] | int, barred: list[torch.Tensor] | None = None) -> None:
         """Wake the dormant connections with the largest |dL/dw| (Policy 1's score), at
@@ -462,7 +475,9 @@ class Synthesis:
         if goal is None:
             counts = [0 if i in st.frozen else constant_rate_removal(a, p.rate * st.rate_scale, p.min_weights)
                       for i, a in enumerate(active)]
-            return sum(counts) if p.scope != "layer" else counts
+            return sum(counts) if p.scope not in ("layer", "erk") else counts
+        if p.scope == "erk":
+            return [max(0, a - max(g, f)) for a, g, f in zip(active, self._layer_goals(goal), floors)]
         total = max(0, sum(active) - goal)
         return total if p.scope != "layer" else split_removal(total, active, floors)
 
@@ -506,11 +521,12 @@ class Synthesis:
         k = int(round(share * sum(live)))
         if k <= 0:
             return 0
-        counts = k if p.scope != "layer" else split_removal(k, live, self._floors(live))
+        per_layer_scope = p.scope in ("layer", "erk")
+        counts = k if not per_layer_scope else split_removal(k, live, self._floors(live))
         before = self._prune_connections(counts)
         dropped = [b.bool() & ~layer.mask.bool() for b, layer in zip(before, model.layers)]
         per_layer = [int(d.sum()) for d in dropped]
-        self._grow_by_gradient(sum(per_layer) if p.scope != "layer" else per_layer, dropped)
+        self._grow_by_gradient(sum(per_layer) if not per_layer_scope else per_layer, dropped)
         return sum(per_layer)
 
     def _frozen_masks(self) -> list[torch.Tensor]:

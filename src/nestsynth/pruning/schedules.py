@@ -66,3 +66,53 @@ def split_removal(total: int, active: list[int], floors: list[int]) -> list[int]
     if live <= 0 or total <= 0:
         return [0] * len(active)
     return [max(0, min(int(round(total * a / live)), a - f)) for a, f in zip(active, floors)]
+
+
+def erk_allocation(total: int, shapes: list[tuple[int, ...]]) -> list[int]:
+    """Share ``total`` connections among layers by the Erdős–Rényi(-kernel) rule.
+
+    Layer i gets a density proportional to ``sum(shape_i) / prod(shape_i)`` (Mocanu et al.
+    2018; Evci et al. 2020, "RigL"), i.e. a count proportional to the sum of its dimensions
+    (fan-out + fan-in for a Linear, plus the kernel height and width for a Conv2d): small
+    layers -- the output layer above all -- stay denser than under one global ranking.  A
+    layer whose share exceeds its possible connections is filled and the rest is shared
+    again among the others.
+
+    Args:
+        total: connections of the whole network.
+        shapes: each layer's weight shape, (out, in) or (out, in, kh, kw).
+
+    Returns:
+        Connections per layer, summing to ``min(total, all possible)``.
+
+    Example:
+        >>> erk_allocation(300, [(10, 100), (10, 10)])
+        [254, 46]
+    """
+    caps = [_prod(s) for s in shapes]
+    alloc = [0] * len(shapes)
+    left, open_ = min(total, sum(caps)), set(range(len(shapes)))
+    while left > 0 and open_:
+        weight = sum(sum(shapes[i]) for i in open_)
+        share = {i: left * sum(shapes[i]) / weight for i in open_}
+        full = [i for i in open_ if share[i] >= caps[i]]
+        if not full:
+            ordered = sorted(open_)
+            parts = [int(share[i]) for i in ordered]
+            rest = left - sum(parts)  # largest remainders get the leftover units
+            for j in sorted(range(len(ordered)), key=lambda j: (-(share[ordered[j]] - parts[j]), j))[:rest]:
+                parts[j] += 1
+            for i, n in zip(ordered, parts):
+                alloc[i] = n
+            break
+        for i in full:
+            alloc[i], left = caps[i], left - caps[i]
+            open_.discard(i)
+    return alloc
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
