@@ -8,6 +8,7 @@ Paradigm".  The data flow is seed -> grow -> prune -> compact model:
 
 __version__ = "0.1.0"
 
+from . import baselines  # noqa: F401  (registers every method and its [methods.NAME] config section)
 from .api import synthesize
 from .config import Config
 from .errors import NestError

@@ -4,6 +4,13 @@ A config is read from TOML (``--config FILE``), overridden with ``--set key=valu
 (dotted keys, TOML values) and validated as a whole.  The fully resolved config is
 written back to ``config.toml`` in the run directory, so a run is reproducible from
 that file alone.
+
+Each baseline's section ``[methods.NAME]`` is a dataclass that its module registers
+here with :func:`register_method_section` (through
+:func:`nestsynth.baselines.register_method`); this module reads that registry and
+imports nothing from the methods.  Importing :mod:`nestsynth` (any of its modules)
+loads :mod:`nestsynth.baselines`, so every method is registered before a Config is
+built.
 """
 
 from __future__ import annotations
@@ -149,8 +156,8 @@ class Config:
     dense: DenseConfig = field(default_factory=DenseConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
-    # one section per baseline, [methods.NAME]; the type is built from the method registry
-    methods: Any = field(default_factory=lambda: _methods_default())
+    # one section per baseline, [methods.NAME]; the type is built from the registered sections
+    methods: Any = field(default_factory=lambda: methods_config_type()())
 
     # ---- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -194,7 +201,44 @@ class Config:
         return None if self.growth.target == "dense" else float(self.growth.target)
 
 
-NEST_METHOD = "nest"
+NEST_METHOD = "nest"  # NeST itself: no [methods.NAME] section, listed before the baselines
+
+# ---- method sections --------------------------------------------------------
+_METHOD_SECTIONS: dict[str, type] = {}  # name -> dataclass of [methods.NAME], in registration order
+_METHODS_TYPE: type | None = None
+
+
+def register_method_section(name: str, section: type) -> None:
+    """Add the section ``[methods.NAME]`` (a dataclass, built with its defaults) to Config.
+
+    Raises:
+        TypeError: ``section`` is not a dataclass.
+        ValueError: ``name`` is taken (by another method or by NeST).
+    """
+    if not dataclasses.is_dataclass(section):
+        raise TypeError(f"the config of method {name!r} must be a dataclass")
+    if name in _METHOD_SECTIONS or name == NEST_METHOD:
+        raise ValueError(f"method {name!r} is registered twice")
+    _METHOD_SECTIONS[name] = section
+
+
+def method_names() -> list[str]:
+    """``nest`` followed by every method whose section is registered."""
+    return [NEST_METHOD, *_METHOD_SECTIONS]
+
+
+def methods_config_type() -> type:
+    """A dataclass with one field per registered method, holding that method's config.
+
+    It is built from the registered sections so that a new method only needs its own
+    module; ``Config.methods`` is an instance of it (TOML sections ``[methods.NAME]``).
+    """
+    global _METHODS_TYPE
+    if _METHODS_TYPE is None or [f.name for f in dataclasses.fields(_METHODS_TYPE)] != list(_METHOD_SECTIONS):
+        fields = [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in _METHOD_SECTIONS.items()]
+        _METHODS_TYPE = dataclasses.make_dataclass("MethodsConfig", fields)
+        _METHODS_TYPE.__module__ = __name__
+    return _METHODS_TYPE
 
 
 def _without_defaults(values: dict, defaults: dict) -> dict:
@@ -209,12 +253,6 @@ def _without_defaults(values: dict, defaults: dict) -> dict:
         elif key not in defaults or value != base:
             out[key] = value
     return out
-
-
-def _methods_default():
-    from .baselines.registry import methods_config_type
-
-    return methods_config_type()()
 
 
 def _section_types(cls: type) -> dict[str, Any]:
@@ -410,8 +448,6 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_method(cfg: Config) -> None:
-    from .baselines.registry import method_names
-
     names = method_names()
     if cfg.method not in names:
         raise NestError(f"unknown method {cfg.method!r}; known methods: {', '.join(names)}.")

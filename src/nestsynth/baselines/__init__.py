@@ -8,5 +8,6 @@ into a run directory with the same ``report.json`` as a synthesis.
 """
 
 from .registry import NEST, Method, get_method, list_methods, method_names, register_method
+from . import _modules  # noqa: F401  (importing registers every method; after the registry)
 
 __all__ = ["NEST", "Method", "get_method", "list_methods", "method_names", "register_method"]

@@ -5,6 +5,11 @@ A method is a function ``run(ctx, mcfg) -> SparseMLP`` of a
 training helpers, logging) and the method's own config dataclass.  It returns the
 final masked model; the runner measures and reports it exactly as it reports a
 NeST synthesis, so every method is compared in one harness.
+
+Registering a method also registers its config section with
+:func:`nestsynth.config.register_method_section` (the config reads that registry and
+imports nothing from here).  The package :mod:`nestsynth.baselines` imports every
+method module (:mod:`._modules`), so the registry is complete once it is imported.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..config import NEST_METHOD, method_names, register_method_section
+from ..config import methods_config_type  # noqa: F401  (defined here before; config builds it now)
 from ..errors import NestError
 
-NEST = "nest"  # NeST itself: run by nestsynth.synthesis, listed beside the baselines
+NEST = NEST_METHOD  # NeST itself: run by nestsynth.synthesis, listed beside the baselines
 
 
 @dataclass(frozen=True)
@@ -42,27 +49,16 @@ def register_method(name: str, config: type, description: str) -> Callable:
         raise TypeError(f"the config of method {name!r} must be a dataclass")
 
     def wrap(fn: Callable) -> Callable:
-        if name in _METHODS or name == NEST:
-            raise ValueError(f"method {name!r} is registered twice")
+        register_method_section(name, config)  # ValueError when the name is taken
         _METHODS[name] = Method(name, config, fn, description)
         return fn
 
     return wrap
 
 
-def _load() -> None:
-    from . import _modules  # noqa: F401  (importing registers every method)
-
-
 def list_methods() -> list[Method]:
     """Every registered baseline, in registration order (NeST itself is not in the list)."""
-    _load()
     return list(_METHODS.values())
-
-
-def method_names() -> list[str]:
-    """``nest`` followed by every registered baseline name."""
-    return [NEST] + [m.name for m in list_methods()]
 
 
 def get_method(name: str) -> Method:
@@ -71,25 +67,6 @@ def get_method(name: str) -> Method:
     Raises:
         NestError: unknown name (the message lists the known ones).
     """
-    _load()
     if name not in _METHODS:
         raise NestError(f"unknown method {name!r}; known methods: {', '.join(method_names())}.")
     return _METHODS[name]
-
-
-def methods_config_type() -> type:
-    """A dataclass with one field per registered method, holding that method's config.
-
-    It is built from the registry so that a new method only needs its own module;
-    ``Config.methods`` is an instance of it (TOML sections ``[methods.NAME]``).
-    """
-    _load()
-    global _METHODS_TYPE
-    if _METHODS_TYPE is None or [f.name for f in dataclasses.fields(_METHODS_TYPE)] != list(_METHODS):
-        fields = [(m.name, m.config, dataclasses.field(default_factory=m.config)) for m in _METHODS.values()]
-        _METHODS_TYPE = dataclasses.make_dataclass("MethodsConfig", fields)
-        _METHODS_TYPE.__module__ = __name__
-    return _METHODS_TYPE
-
-
-_METHODS_TYPE: type | None = None

@@ -129,6 +129,7 @@ from torch import nn
 from ..config import check
 from ..sparse import MaskedConv2d, SparseCNN, SparseMLP, set_mask
 from .context import mlp_only
+from .magnitude import steps_per_epoch
 from .registry import register_method
 
 # Hard concrete stretch interval (gamma, zeta) and default temperature (Louizos et al., 2018).
@@ -346,7 +347,6 @@ def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
     n_train = len(ctx.X)
     control, gated_epochs = None, mcfg.epochs
     if mcfg.target_weights > 0:
-        from .magnitude import steps_per_epoch
         gated_epochs = mcfg.epochs - max(1, round(mcfg.epochs / 10)) if mcfg.epochs > 1 else mcfg.epochs
         control = L0SizeControl(gates, mcfg.lam, mcfg.target_weights, gated_epochs * steps_per_epoch(ctx),
                                 mcfg.target_gain)
