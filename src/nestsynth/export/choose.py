@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .bench import measure_latency
+from .compact_base import CompactLinear
 
 MAX_CSR_DENSITY = 0.5
 MARGIN = 0.05
@@ -23,8 +24,6 @@ def time_layer(weight: torch.Tensor, bias: torch.Tensor, batch_size: int, *, rep
 
     Both are timed through :class:`CompactLinear`, the code that runs at inference.
     """
-    from .compact import CompactLinear
-
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch_size, weight.shape[1], generator=g)
     out = {}

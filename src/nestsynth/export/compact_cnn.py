@@ -64,7 +64,8 @@ from ..errors import NestError
 from ..sparse.cnn import SparseCNN, _pool, _pooled
 from ..sparse.conv import conv_out_size
 from ..sparse.mlp import make_activation
-from .compact import FORMAT, GATHER_MIN_FRACTION, STORAGES, VERSION, CompactLinear, CompactNet
+from .choose import choose_storage
+from .compact_base import FORMAT, GATHER_MIN_FRACTION, STORAGES, VERSION, CompactLinear, CompactNet
 
 KIND = "cnn"
 
@@ -400,8 +401,6 @@ def compact_cnn_from_sparse(model: SparseCNN, storage: str = "auto", batch_size:
     Raises:
         NestError: unknown storage mode.
     """
-    from .choose import choose_storage
-
     if storage not in ("auto",) + STORAGES:
         raise NestError(f"unknown --sparse mode {storage!r}; valid: auto, dense, csr.")
     fd = _Folded(model)
