@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .. import checkpoint as ckpt  # noqa: E402
+from .run_files import load_run_model, read_history  # noqa: E402
 
 PHASE_COLOURS = {"seed": "tab:gray", "dense": "tab:gray", "growth": "tab:green",
                  "pruning": "tab:red", "finetune": "tab:blue"}
@@ -76,8 +77,6 @@ def plot_input_growth(density: torch.Tensor, image_shape, path: Path) -> None:
 
 def redraw_plots(run: Path) -> list[Path]:
     """(Re)draw every plot of a run directory from its files; returns the paths written."""
-    from .summary import load_run_model, read_history
-
     out = ckpt.plots_dir(run)
     written = []
     history = read_history(run)

@@ -1,4 +1,4 @@
-"""report.json and the final model file."""
+"""report.json and the final model file (the model file itself: :mod:`.run_files`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 from .. import checkpoint as ckpt
 from ..errors import NestError
 from ..metrics import reference_flops, reference_weights, totals
-from ..sparse import SparseMLP, model_from_arch
-
-MODEL_FORMAT = "nestsynth-model"
+from ..sparse import SparseMLP
+from .plots import redraw_plots
+from .run_files import (HISTORY_KEYS, MODEL_FORMAT, load_model, load_run_model, read_history,  # noqa: F401
+                        save_model)
 
 
 def core_report(*, cfg, method: str, model_name: str, dataset: str, rows: list[dict],
@@ -94,56 +95,11 @@ def build_report(*, cfg, model_name: str, dataset: str, state, rows: list[dict],
     return report
 
 
-def save_model(model: SparseMLP, path: Path, name: str = "custom", input_shape=None) -> None:
-    """Save a SparseMLP as tensors + plain data (loadable with ``weights_only=True``)."""
-    ckpt.atomic_torch_save({"format": MODEL_FORMAT, "version": 1, "name": name,
-                            "input_shape": list(input_shape) if input_shape else None,
-                            "arch": model.arch(),
-                            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
-
-
-def load_model(path: str | Path) -> SparseMLP:
-    """Load a model saved by :func:`save_model` (or a checkpoint) without unpickling code.
-
-    Raises:
-        NestError: the file is missing, refused, or not a nestsynth model.
-    """
-    blob = ckpt.safe_load(Path(path))
-    try:
-        model = model_from_arch(blob["arch"])
-        model.load_state_dict(blob["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError, NestError):
-        raise NestError(f"{str(path)!r} is not a nestsynth model file (architecture and weights "
-                        "missing or inconsistent).") from None
-    return model
-
-
-def load_run_model(run: Path, name: str) -> SparseMLP | None:
-    """A model snapshot of a run: ``final``, ``seed`` or ``post_growth``; None if absent."""
-    path = ckpt.model_path(run) if name == "final" else ckpt.checkpoint_path(run, name)
-    return load_model(path) if path.is_file() else None
-
-
 def write_run_outputs(run: Path, model: SparseMLP, report: dict) -> None:
     """report.json, model.pt and the plots of a finished run."""
-    from .plots import redraw_plots
-
     save_model(model, ckpt.model_path(run), report["model"], report.get("input_shape"))
     ckpt.atomic_write_text(ckpt.report_path(run), json.dumps(report, indent=2) + "\n")
     redraw_plots(run)
-
-
-#: Keys every metrics.jsonl row has (the plots and the summary read them).
-HISTORY_KEYS = ("phase", "iteration", "weights", "val_error")
-
-
-def read_history(run: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl ([] when it has none).
-
-    Raises:
-        NestError: a damaged line (not a JSON object with :data:`HISTORY_KEYS`).
-    """
-    return ckpt.read_jsonl(ckpt.metrics_path(run), HISTORY_KEYS)
 
 
 def read_report(run: Path) -> dict:
