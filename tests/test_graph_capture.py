@@ -11,6 +11,11 @@ from torch import nn
 
 from nestsynth.errors import NestError
 from nestsynth.graph import INPUT, Slice, capture
+from nestsynth.graph.models import resnet18_cifar, resnet20_cifar
+from nestsynth.graph.ops import graph_flops, graph_weights, layer_costs
+from nestsynth.metrics import layer_table, reference_flops, reference_weights, totals
+from nestsynth.registry import get_model
+from nestsynth.sparse import cnn_from_sequential
 
 
 def one_sentence(message: str) -> bool:
@@ -241,3 +246,116 @@ def test_example_that_does_not_fit_is_one_sentence():
     with pytest.raises(NestError) as err:
         capture(nn.Sequential(nn.Flatten(), nn.Linear(10, 2)), torch.randn(2, 1, 3, 3))
     assert one_sentence(str(err.value)) and "example input of shape (2, 1, 3, 3)" in str(err.value)
+
+
+# ---- weight and FLOP counts (the nestsynth.metrics convention: 2 FLOPs per MAC) ----------------
+
+def lenet_300_100() -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                         nn.Linear(100, 10))
+
+
+def lenet_5() -> nn.Sequential:
+    """Caffe's LeNet-5 (the paper's Table 2)."""
+    return nn.Sequential(nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10))
+
+
+def test_lenet_300_100_counts():
+    graph = capture(lenet_300_100(), torch.randn(2, 1, 28, 28))
+    # 784*300 + 300*100 + 100*10 = 235,200 + 30,000 + 1,000
+    assert graph_weights(graph) == 266_200
+    assert graph_flops(graph) == 2 * 266_200 == 532_400
+    spec = get_model("lenet-300-100")
+    assert (graph_weights(graph), graph_flops(graph)) == (reference_weights(spec), reference_flops(spec))
+    assert graph.producers("1") == (Slice("1", (INPUT,), 0, 1, 784),)  # the flattened 1x28x28 input
+
+
+def test_lenet_5_counts_and_masks_match_metrics():
+    seq = lenet_5()
+    graph = capture(seq, torch.randn(2, 1, 28, 28))
+    rows = {r["name"]: r for r in layer_costs(graph)}
+    # conv1: 1*20*5*5 = 500 weights x 24*24 outputs = 288,000 MACs
+    # conv2: 20*50*5*5 = 25,000 weights x 8*8 outputs = 1,600,000 MACs
+    # fc1: 50*4*4 = 800 inputs x 500 = 400,000; fc2: 500 x 10 = 5,000
+    assert [(r["weights"], r["macs"]) for r in rows.values()] == [(500, 288_000), (25_000, 1_600_000),
+                                                                  (400_000, 400_000), (5_000, 5_000)]
+    assert graph_weights(graph) == 430_500
+    assert graph_flops(graph) == 2 * 2_293_000 == 4_586_000
+    spec = get_model("lenet-5")
+    assert (graph_weights(graph), graph_flops(graph)) == (reference_weights(spec), reference_flops(spec))
+    assert graph.producers("7") == (Slice("7", ("3",), 0, 50, 16),)
+    # masks reduce the count exactly as nestsynth.metrics does for the SparseCNN with the same weights
+    sparse = cnn_from_sequential(seq, (1, 28, 28))
+    gen = torch.Generator().manual_seed(0)
+    masks = {}
+    for name, layer in zip(graph.layers, sparse.layers):
+        layer.mask.copy_((torch.rand(layer.mask.shape, generator=gen) < 0.3).float())
+        masks[name] = layer.mask.clone()
+    sparse.zero_dormant()
+    assert graph_flops(graph, masks) == int(totals(layer_table(sparse))["flops"]) < 4_586_000
+
+
+def resnet20_hand_counts() -> tuple[int, int]:
+    """(weights, MACs) of ResNet-20 with projection shortcuts on 32x32 inputs, layer by layer."""
+    layers = [(3 * 16 * 9, 32 * 32)]                                 # stem 3x3, 3 -> 16
+    layers += [(16 * 16 * 9, 32 * 32)] * 6                           # stage 1: 3 blocks x 2 convs 16 -> 16
+    layers += [(16 * 32 * 9, 16 * 16), (32 * 32 * 9, 16 * 16)]       # stage 2 block 1 (stride 2)
+    layers += [(16 * 32, 16 * 16)]                                   # its 1x1 projection 16 -> 32
+    layers += [(32 * 32 * 9, 16 * 16)] * 4                           # stage 2 blocks 2, 3
+    layers += [(32 * 64 * 9, 8 * 8), (64 * 64 * 9, 8 * 8)]           # stage 3 block 1 (stride 2)
+    layers += [(32 * 64, 8 * 8)]                                     # its 1x1 projection 32 -> 64
+    layers += [(64 * 64 * 9, 8 * 8)] * 4                             # stage 3 blocks 2, 3
+    layers += [(64 * 10, 1)]                                         # classifier
+    return sum(w for w, _ in layers), sum(w * p for w, p in layers)
+
+
+def test_resnet20_counts():
+    graph = capture(resnet20_cifar(), torch.randn(1, 3, 32, 32))
+    weights, macs = resnet20_hand_counts()
+    assert (weights, macs) == (270_896, 40_813_184)
+    assert weights - (16 * 32 + 32 * 64) == 268_336  # without the 2,560 projection weights
+    assert graph_weights(graph) == weights
+    assert graph_flops(graph) == 2 * macs == 81_626_368
+    assert len(graph.layers) == 22 and len(graph.norms) == 21
+
+
+def test_resnet18_cifar_counts():
+    graph = capture(resnet18_cifar(), torch.randn(1, 3, 32, 32))
+    stem = (3 * 64 * 9, 32 * 32)
+    stage1 = [(64 * 64 * 9, 32 * 32)] * 4                            # 2 blocks x 2 convs, 32x32
+    stages = []
+    for c_in, c, hw in ((64, 128, 16), (128, 256, 8), (256, 512, 4)):  # first conv strides 2
+        stages += [(c_in * c * 9, hw * hw), (c_in * c, hw * hw)]       # conv 3x3 and 1x1 projection
+        stages += [(c * c * 9, hw * hw)] * 3                           # the other three 3x3 convs
+    layers = [stem, *stage1, *stages, (512 * 10, 1)]
+    weights, macs = sum(w for w, _ in layers), sum(w * p for w, p in layers)
+    assert (weights, macs) == (11_164_352, 555_422_720)
+    assert graph_weights(graph) == weights
+    assert graph_flops(graph) == 2 * macs == 1_110_845_440
+    assert len(graph.layers) == 21
+
+
+def test_resnet20_groups_are_the_stage_streams():
+    graph = capture(resnet20_cifar(), torch.randn(1, 3, 32, 32))
+    groups = graph.groups()
+    streams = [g for g in groups if len(g.members) > 1]
+    assert [g.members for g in streams] == [
+        ("conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"),
+        ("layer2.0.conv2", "layer2.0.shortcut.0", "layer2.1.conv2", "layer2.2.conv2"),
+        ("layer3.0.conv2", "layer3.0.shortcut.0", "layer3.1.conv2", "layer3.2.conv2")]
+    assert [g.units for g in streams] == [16, 32, 64]
+    assert [s.reader for s in streams[0].norms] == ["bn1", "layer1.0.bn2", "layer1.1.bn2", "layer1.2.bn2"]
+    assert [s.reader for s in streams[1].norms] == ["layer2.0.bn2", "layer2.0.shortcut.1", "layer2.1.bn2",
+                                                    "layer2.2.bn2"]
+    assert streams[0].consumers == ("layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1",
+                                    "layer2.0.shortcut.0")
+    assert streams[2].consumers == ("layer3.1.conv1", "layer3.2.conv1", "fc")
+    assert streams[2].reads[-1] == Slice("fc", ("layer3.0.conv2", "layer3.0.shortcut.0", "layer3.1.conv2",
+                                                "layer3.2.conv2"), 0, 64, 1)  # pooled to 1x1
+    singles = [g for g in groups if len(g.members) == 1]
+    assert [g.members[0] for g in singles] == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in (0, 1, 2)] + ["fc"]
+    assert all(g.resizable for g in groups[:-1]) and not groups[-1].resizable
+    assert len(groups) == 13
+    assert graph.consumers("layer1.0.conv2") == ("layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1",
+                                                 "layer2.0.shortcut.0")
