@@ -35,11 +35,15 @@ def main() -> int:
     ap.add_argument("--name", default="curves_lenet300")
     ap.add_argument("--config", default=str(ROOT / "configs" / "lenet-300-100-mnist-sized.toml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST..FIRST+SEEDS-1")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of bench/results/NAME/curves.csv that this invocation did not run "
+                         "(add a seed, or rerun one method) and redraw the tables and plot from all of them")
     args = ap.parse_args()
     out, results = ROOT / "bench" / "runs" / args.name, ROOT / "bench" / "results" / args.name
     cmd = [sys.executable, "-m", "nestsynth.cli", "compare", "--config", args.config, "--data-dir", args.data_dir,
            "--methods", args.methods, "--sizes", args.sizes, "--epochs", str(args.epochs), "--seeds", str(args.seeds),
-           "--jobs", str(args.jobs), "--threads", "1", "--out", str(out),
+           "--first-seed", str(args.first_seed), "--jobs", str(args.jobs), "--threads", "1", "--out", str(out),
            "--title", f"{Path(args.config).stem}: {args.seeds} seeds, {args.epochs} epochs per run"]
     for s in args.set:
         cmd += ["--set", s]
@@ -47,8 +51,46 @@ def main() -> int:
     rc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
     if not (out / "curves.md").is_file():
         return rc or 1
+    previous = results / "curves.csv"
+    kept = previous.read_text() if args.merge and previous.is_file() else None
+    kept_md = (results / "curves.md").read_text() if kept is not None else ""
     copy_results(out, results, " ".join(sys.argv[1:]), time.monotonic() - t0, "curves")
+    if kept is not None:
+        merge_curves(kept, out, results, " ".join(sys.argv[1:]), kept_md)
     return rc
+
+
+def merge_curves(kept_csv: str, out: Path, results: Path, argv: str, kept_md: str = "") -> None:
+    """Rows of an earlier curves.csv that this run did not produce, joined to this run's
+    rows; curves.csv/md/png of ``results`` redrawn from all of them (with the settings
+    notes of both runs' curves.md)."""
+    import csv
+    import io
+
+    from nestsynth.report.curves import format_curves_csv, format_curves_markdown, plot_curves
+
+    def read(text):
+        return list(csv.DictReader(io.StringIO(text)))
+
+    new = read((out / "curves.csv").read_text())
+    done = {(r["method"], r["size"], r["seed"]) for r in new}
+    old = [r for r in read(kept_csv) if (r["method"], r["size"], r["seed"]) not in done]
+    order = list(dict.fromkeys(r["method"] for r in read(kept_csv) + new))
+    rows = sorted(new + old, key=lambda r: (order.index(r["method"]), int(r["size"] or 0), int(r["seed"])))
+    for r in rows:  # the csv gives strings; the tables want numbers (no size: the dense run)
+        for k, v in r.items():
+            if k not in ("method", "run_dir"):
+                r[k] = None if v in ("", None) else float(v) if any(c in v for c in ".e") else int(v)
+    md = (out / "curves.md").read_text()
+    notes = [line for line in md.splitlines() if line.startswith("- ")]
+    notes += [line for line in kept_md.splitlines() if line.startswith("- **")
+              and not any(n.split(":")[0] == line.split(":")[0] for n in notes)]
+    notes.append(f"- {len(old)} rows kept from the earlier curves.csv (runs not repeated by this invocation)")
+    title = next((line[2:] for line in md.splitlines() if line.startswith("# ")), "curves")
+    header = f"<!-- merged: python bench/curves.py {argv} joined to the earlier rows -->\n\n"
+    (results / "curves.csv").write_text(format_curves_csv(rows))
+    (results / "curves.md").write_text(header + format_curves_markdown(rows, title, notes))
+    plot_curves(rows, results / "curves.png", title)
 
 
 def copy_results(out: Path, results: Path, argv: str, wall: float, stem: str, script: str = "curves.py") -> None:

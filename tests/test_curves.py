@@ -93,3 +93,14 @@ def test_sweep_writes_csv_and_plot(tmp_path):
     assert (out / "sweep.png").stat().st_size > 10_000
     rc, _, err = _call(["sweep", "--values", "seed_net.nope=1", "--out", str(out / "b"), *TINY])
     assert rc == 2 and "unknown config key 'seed_net.nope'" in _one_error_line(err)
+
+
+def test_first_seed_adds_seeds_to_an_earlier_run(tmp_path):
+    out = tmp_path / "sweep"
+    rc, _, err = _call(["sweep", "--values", "seed_net.ratio=0.3", "--seeds", "1", "--first-seed", "2",
+                        "--out", str(out), *TINY, "--set", "pruning.max_iterations=1"])
+    assert rc == 0, err
+    assert [p.name for p in (out / "seed_net.ratio=0.3").iterdir() if p.is_dir()] == ["seed2"]
+    assert 'seed = 2' in (out / "seed_net.ratio=0.3" / "seed2" / "config.toml").read_text()
+    rc, _, err = _call(["sweep", "--values", "seed_net.ratio=0.3", "--first-seed", "-1", "--out", str(out), *TINY])
+    assert rc == 2 and "--first-seed must be 0 or more" in _one_error_line(err)

@@ -373,6 +373,8 @@ def cmd_methods(args) -> int:
 def _add_batch_options(c, out_help: str, title_help: str) -> None:
     """Options shared by compare and sweep (many runs under one config)."""
     c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1; default 3)")
+    c.add_argument("--first-seed", type=int, default=0,
+                   help="seeds FIRST..FIRST+N-1 instead (add a seed to an earlier run; default 0)")
     c.add_argument("--config", help="TOML config shared by every run ([train], [data], NeST's sections, "
                    "[methods.NAME])")
     c.add_argument("--model", help="registered model name or mlp:IN-H1-...-OUT")
@@ -390,6 +392,8 @@ def _add_batch_options(c, out_help: str, title_help: str) -> None:
 def _batch_base(args):
     if args.seeds < 1:
         raise NestError(f"--seeds must be at least 1, got {args.seeds}.")
+    if args.first_seed < 0:
+        raise NestError(f"--first-seed must be 0 or more, got {args.first_seed}.")
     if args.jobs < 1:
         raise NestError(f"--jobs must be at least 1, got {args.jobs}.")
     return config_mod.load(args.config, _overrides(args))
@@ -447,7 +451,7 @@ def cmd_compare(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / re.sub(
         r"[^A-Za-z0-9_.-]+", "-", f"compare_{base.model}_{base.data.dataset}")
     dense = _dense_weights(base) if sizes else None
-    jobs = plan(base, methods, list(range(args.seeds)), out, sizes, args.epochs, dense)
+    jobs = plan(base, methods, list(range(args.first_seed, args.first_seed + args.seeds)), out, sizes, args.epochs, dense)
     title = args.title or f"{base.model} on {base.data.dataset}: {args.seeds} seeds per method" + \
         (f", {args.epochs} epochs per run" if args.epochs else "")
     finished, failures = _run_batch(jobs, args, out)
@@ -468,7 +472,7 @@ def cmd_sweep(args) -> int:
     key = key.strip()
     base = _batch_base(args)
     out = Path(args.out) if args.out else Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"sweep_{key}")
-    jobs = plan_sweep(base, key, values, list(range(args.seeds)), out)
+    jobs = plan_sweep(base, key, values, list(range(args.first_seed, args.first_seed + args.seeds)), out)
     finished, failures = _run_batch(jobs, args, out)
     title = args.title or f"{base.model} on {base.data.dataset}: {key} sweep, {args.seeds} seeds"
     paths = write_sweep(finished, jobs, key, out, title, failures)
