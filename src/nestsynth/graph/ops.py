@@ -118,7 +118,8 @@ def _sync_conv(module: nn.Module) -> None:
 
 def _sync_norm(module: nn.Module) -> None:
     stats = module.running_mean if module.running_mean is not None else module.weight
-    module.num_features = int(stats.shape[0])
+    if stats is not None:  # a norm with neither statistics nor affine weights has nothing sized
+        module.num_features = int(stats.shape[0])
 
 
 _ROWS = (UnitTensor("weight", 0, None), UnitTensor("bias", 0, 0.0))
