@@ -264,11 +264,8 @@ class _Walker:
             self.values[node] = self.visit(node)
         if not self.seen_input:
             raise NestError("the model's forward takes no tensor input; capture needs one example tensor.")
-        graph = NetGraph(self.module, tuple(self.example.shape), self.layers, self.norms, self.units,
-                         self.outputs)
-        for source, parent in self.parent.items():
-            graph.union(parent, source)
-        return graph
+        return NetGraph(self.module, tuple(self.example.shape), self.layers, self.norms, self.units,
+                        self.outputs, _parent=dict(self.parent))
 
     def visit(self, node: fx.Node):
         if node.op == "placeholder":

@@ -173,6 +173,7 @@ class NetGraph:
         norms: batch norms by module path, in topological order.
         units: output units of every source (weight layers and :data:`INPUT`).
         outputs: the layout of the network's output(s).
+        _parent: the union-find forest over sources (a residual ``+`` joins two trees).
     """
 
     module: nn.Module
@@ -196,12 +197,6 @@ class NetGraph:
             parent[source] = parent[parent[source]]
             source = parent[source]
         return source
-
-    def union(self, a: str, b: str) -> None:
-        """Couple the streams of sources ``a`` and ``b`` (used while capturing)."""
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self._parent[rb] = ra
 
     # ---- queries --------------------------------------------------------------
     def module_of(self, name: str) -> nn.Module:
