@@ -44,7 +44,8 @@ def main() -> int:
     cmd = [sys.executable, "-m", "nestsynth.cli", "compare", "--config", args.config, "--data-dir", args.data_dir,
            "--methods", args.methods, "--sizes", args.sizes, "--epochs", str(args.epochs), "--seeds", str(args.seeds),
            "--first-seed", str(args.first_seed), "--jobs", str(args.jobs), "--threads", "1", "--out", str(out),
-           "--title", f"{Path(args.config).stem}: {args.seeds} seeds, {args.epochs} epochs per run"]
+           "--title", f"{Path(args.config).stem}: {'' if args.merge else f'{args.seeds} seeds, '}"
+                      f"{args.epochs} epochs per run"]
     for s in args.set:
         cmd += ["--set", s]
     t0 = time.monotonic()

@@ -348,10 +348,11 @@ def test_auto_falls_back_to_dense_largest_layer_first():
     assert compact.storages() == ["dense" if j == big else "csr" for j in range(3)]
     assert decisions[big]["storage"] == "dense" and decisions[big]["csr_fallback"]
     assert "stored dense instead" in compact.layers[big].choice["reason"]
-    # against an all-dense oracle every CSR layer goes, most non-zeros first
+    # a tolerance nothing passes (the check is diff < tolerance) switches every CSR layer,
+    # most non-zeros first (whether CSR rounding differs from dense at all depends on the CPU)
     compact = _csr_mlp([40, 30, 20, 5], 0.3)
     decisions = [{"layer": j, "storage": "csr"} for j in range(3)]
-    diff, switched = dense_fallback(compact.densified(), compact, decisions, X, 1e-30, 1.0)
+    diff, switched = dense_fallback(compact.densified(), compact, decisions, X, 0.0, 1.0)
     order = sorted(range(3), key=lambda j: -nnz[j])
     assert diff == 0.0 and switched == [f"fc{j + 1}" for j in order]
     assert compact.storages() == ["dense"] * 3
