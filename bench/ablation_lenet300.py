@@ -1,11 +1,12 @@
 """Benchmark: ablation of NeST's departures from prune-only, one size, one epoch budget, 3 seeds.
 
-    python bench/ablation_lenet300.py --data-dir ../shared/data/mnist --jobs 2 [--size 3800] [--seeds 3]
+    python bench/ablation_lenet300.py --data-dir ../shared/data/mnist --jobs 2 [--size 3800] [--seeds 3] \\
+        [--variants 0,8,9] [--name ablation_lenet300_3k]
 
 Every variant is configs/lenet-300-100-mnist-sized.toml at ``pruning.target_weights = SIZE``
 (60 epochs in all) with the overrides listed in VARIANTS; runs go to
-bench/runs/ablation_lenet300/VARIANT/seedN (finished runs are reused) and the table to
-bench/results/ablation_lenet300/ablation.{csv,md,png}.
+bench/runs/NAME/VARIANT/seedN (finished runs are reused) and the table to
+bench/results/NAME/ablation.{csv,md,png} (NAME: ablation_lenet300 unless --name).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ VARIANTS = {
     "paper-size growth (3% connections, 8 neurons, 4-epoch iterations, 12 epochs)": [
         "growth.connection_fraction=0.03", "growth.neurons_per_step=8", "growth.epochs_per_iteration=4",
         "growth.max_epochs=12"],
+    "with rewiring 0.2": ["pruning.rewire=0.2"],
+    "Erdős–Rényi layer allocation": ["pruning.scope=\"erk\""],
 }
 
 
@@ -44,13 +47,14 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--variants", help="comma-separated subset of the variant numbers (0-based)")
+    ap.add_argument("--name", default="ablation_lenet300", help="bench/runs/NAME and bench/results/NAME")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     base = config_mod.load(ROOT / "configs" / "lenet-300-100-mnist-sized.toml",
                            [f"pruning.target_weights={args.size}", f"data.data_dir=\"{args.data_dir}\""])
     chosen = dict(VARIANTS) if not args.variants else \
         {k: v for i, (k, v) in enumerate(VARIANTS.items()) if str(i) in args.variants.split(",")}
-    out = ROOT / "bench" / "runs" / "ablation_lenet300"
+    out = ROOT / "bench" / "runs" / args.name
     dirs = {name: f"v{i}" for i, name in enumerate(VARIANTS)}
     jobs = plan_variants(base, chosen, list(range(args.seeds)), out, dirs)
     t0 = time.monotonic()
@@ -60,7 +64,7 @@ def main() -> int:
     from curves import copy_results
     for ext in ("csv", "png"):
         (out / f"ablation.{ext}").write_bytes((out / f"sweep.{ext}").read_bytes())
-    copy_results(out, ROOT / "bench" / "results" / "ablation_lenet300", " ".join(sys.argv[1:]),
+    copy_results(out, ROOT / "bench" / "results" / args.name, " ".join(sys.argv[1:]),
                  time.monotonic() - t0, "ablation", "ablation_lenet300.py")
     return 1 if failures else 0
 
