@@ -160,7 +160,7 @@ def activation_density(model, X: torch.Tensor, batch_size: int = 2048) -> list[f
     """Mean share of non-zero outputs of every layer per inference (paper's Act%).
 
     Args:
-        model: a SparseMLP or SparseCNN (evaluated in eval mode, then restored).
+        model: a SparseMLP, SparseCNN or SparseGraph (evaluated in eval mode, then restored).
         X: inputs, shape (N, *input_shape).
         batch_size: inputs per forward pass.
 
@@ -168,6 +168,8 @@ def activation_density(model, X: torch.Tensor, batch_size: int = 2048) -> list[f
         One fraction per layer: hidden layers after batch norm, activation and (conv)
         pooling, i.e. the input the next layer sees, the share taken over channels and
         positions for feature maps (B, C, H, W); the output layer's logits (normally 1.0).
+        For a graph network entry i is the density of ``layers[i + 1]``'s input (its
+        ``layer_outputs``), the last entry the last layer's output.
     """
     was_training = model.training
     model.eval()
@@ -181,7 +183,10 @@ def activation_density(model, X: torch.Tensor, batch_size: int = 2048) -> list[f
 
 
 def _layer_names(model) -> list[str]:
-    """conv1..convK for the MaskedConv2d layers, then fc1..fcM."""
+    """The model's own ``layer_names`` when it has them (a graph network's module paths), else
+    conv1..convK for the MaskedConv2d layers, then fc1..fcM."""
+    if hasattr(model, "layer_names"):
+        return list(model.layer_names)
     names, n_conv = [], 0
     for i, layer in enumerate(model.layers):
         if isinstance(layer, MaskedConv2d):
@@ -193,14 +198,17 @@ def _layer_names(model) -> list[str]:
 
 
 def layer_table(model, act: list[float] | None = None) -> list[dict]:
-    """Per-layer metrics of a SparseMLP or SparseCNN.
+    """Per-layer metrics of a SparseMLP, SparseCNN or SparseGraph.
 
     Args:
-        model: a SparseMLP or SparseCNN.
-        act: per-layer activation density from :func:`activation_density` (optional).
+        model: a SparseMLP, SparseCNN or :class:`~nestsynth.graph.SparseGraph`.
+        act: per-layer activation density from :func:`activation_density` (optional);
+            ``act[i]`` is the density of what ``layers[i + 1]`` reads, which for a graph
+            network is that layer's own input.
 
     Returns:
-        One dict per weight layer with ``name`` (conv1.., then fc1..), ``in``/``out``
+        One dict per weight layer with ``name`` (conv1.., then fc1..; a graph network's
+        module paths), ``in``/``out``
         (channels for conv, features for fc), ``weights`` (non-zero weights),
         ``parameters`` (weights + non-zero folded biases), ``flops`` (dense input),
         ``flops_act`` (times the previous layer's density ``act[i-1]``; the first layer's

@@ -71,6 +71,7 @@ _MODULE_TYPES = LINEAR_TYPES + CONV_TYPES + NORM_TYPES + _ELEMENTWISE_MODULES + 
 _FUNCTIONS = (_ELEMENTWISE_FUNCTIONS | _POOL_FUNCTIONS | _FLATTEN_FUNCTIONS | _ADD_FUNCTIONS | _CAT_FUNCTIONS
               | _SHAPE_FUNCTIONS)
 _METHODS = _ELEMENTWISE_METHODS | _FLATTEN_METHODS | _ADD_METHODS | _SHAPE_METHODS
+FUNCTIONS = frozenset(_FUNCTIONS)  # every function a captured graph may call (nestsynth.graph.plain names them)
 
 
 class _Shape:
@@ -466,9 +467,25 @@ def capture(model: nn.Module, example: torch.Tensor) -> NetGraph:
         raise NestError(f"capture needs a torch.nn.Module, not {type(model).__name__}.")
     if not torch.is_tensor(example):
         raise NestError(f"capture needs an example tensor, not {type(example).__name__}.")
-    module = _trace(model)
+    return capture_traced(_trace(model), example, model)
+
+
+def capture_traced(module: fx.GraphModule, example: torch.Tensor, model: nn.Module | None = None) -> NetGraph:
+    """:func:`capture` of a module that is already a traced ``GraphModule`` (for example one
+    rebuilt from plain data by :func:`nestsynth.graph.plain.rebuild`): the same checks and
+    walk, without tracing it again, so its nodes and their names stay as they are.
+
+    Args:
+        module: the GraphModule; it becomes the graph's ``module`` and gets ``nest_graph``.
+        example: one input batch of shape (N, C, ...).
+        model: the module ``module`` was traced from, whose train/eval flags the shape pass
+            restores too (default: ``module`` itself).
+
+    Raises:
+        NestError: as :func:`capture`.
+    """
     _check_ops(module)
-    _propagate_shapes(module, model, example)
+    _propagate_shapes(module, module if model is None else model, example)
     graph = _Walker(module, example).run()
     module.nest_graph = graph
     return graph

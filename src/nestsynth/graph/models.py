@@ -12,6 +12,8 @@ Dense weight counts (convolutions and the classifier; biases and batch norm not 
   paper's "0.27M").  40,813,184 multiply-accumulates on 32 x 32 inputs.
 * ResNet-18 (CIFAR variant: 3x3 stem, no max pool): 11,164,352 weights
   (~11.17M parameters with biases and batch norm), 555,422,720 multiply-accumulates.
+* ResNet-8 for MNIST (:func:`resnet8_mnist`, 8/16/32 channels, one block per stage):
+  19,464 weights, 2,364,864 multiply-accumulates on 28 x 28 inputs.
 """
 
 from __future__ import annotations
@@ -101,6 +103,15 @@ def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     with 64/128/256/512 channels, 1x1 projection shortcuts, average pool, classifier
     (11,164,352 dense weights)."""
     return CifarResNet((64, 128, 256, 512), (2, 2, 2, 2), num_classes, in_channels)
+
+
+def resnet8_mnist(num_classes: int = 10, in_channels: int = 1) -> CifarResNet:
+    """A ResNet-8 for MNIST-sized images: 3x3 stem with 8 channels, 3 stages of one basic
+    block with 8/16/32 channels (1x1 projection shortcuts into stages 2 and 3), average
+    pool, classifier: 19,464 dense weights, 2,364,864 multiply-accumulates on 28 x 28 x 1.
+
+    The global average pool makes it fit any image size (8x8 digits included)."""
+    return CifarResNet((8, 16, 32), (1, 1, 1), num_classes, in_channels)
 
 
 class TinyResidualMLP(nn.Module):

@@ -11,13 +11,21 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt
 from ..errors import NestError
+from ..graph.network import KIND as GRAPH_KIND
+from ..graph.network import SparseGraph
 from ..sparse import SparseMLP, model_from_arch
 
 MODEL_FORMAT = "nestsynth-model"
 
 
+def model_of_arch(arch: dict):
+    """A fresh SparseMLP, SparseCNN or SparseGraph of a plain-data ``arch()`` (by its ``kind``)."""
+    return SparseGraph.from_arch(arch) if arch.get("kind") == GRAPH_KIND else model_from_arch(arch)
+
+
 def save_model(model: SparseMLP, path: Path, name: str = "custom", input_shape=None) -> None:
-    """Save a SparseMLP as tensors + plain data (loadable with ``weights_only=True``)."""
+    """Save a SparseMLP, SparseCNN or SparseGraph as tensors + plain data (loadable with
+    ``weights_only=True``)."""
     ckpt.atomic_torch_save({"format": MODEL_FORMAT, "version": 1, "name": name,
                             "input_shape": list(input_shape) if input_shape else None,
                             "arch": model.arch(),
@@ -32,7 +40,7 @@ def load_model(path: str | Path) -> SparseMLP:
     """
     blob = ckpt.safe_load(Path(path))
     try:
-        model = model_from_arch(blob["arch"])
+        model = model_of_arch(blob["arch"])
         model.load_state_dict(blob["model"])
     except (KeyError, TypeError, ValueError, RuntimeError, NestError):
         raise NestError(f"{str(path)!r} is not a nestsynth model file (architecture and weights "
