@@ -28,7 +28,8 @@ from nestsynth import config as config_mod
 from nestsynth.api import resolve_reference
 from nestsynth.baselines import NEST, method_names
 from nestsynth.baselines.runner import run_method
-from nestsynth.registry import get_model, is_cnn, list_models
+from nestsynth.graph import SparseGraph
+from nestsynth.registry import get_model, is_cnn, is_graph, list_models
 from nestsynth.report.summary import load_model, read_history
 from nestsynth.sparse import SparseCNN, SparseMLP
 
@@ -39,9 +40,9 @@ SLOW_ABOVE = 50_000_000  # a full-size build above this takes seconds and GBs (A
 CLASSES = 7  # not the spec's own: the output layer must follow the data
 
 
-def build(spec, generator: torch.Generator) -> SparseMLP | SparseCNN:
+def build(spec, generator: torch.Generator) -> SparseMLP | SparseCNN | SparseGraph:
     """The dense model of a fitted spec, as a method's ``ctx.dense_model()`` builds it."""
-    if is_cnn(spec):
+    if is_cnn(spec) or is_graph(spec):
         return spec.build(generator)
     return SparseMLP(list(spec.widths), spec.activation, spec.batch_norm, generator=generator)
 
@@ -50,13 +51,13 @@ def check_model(spec, batch: int) -> None:
     """Build ``spec``: its weights, layers and widths are the spec's, and a forward pass of
     ``batch`` random inputs gives finite (batch, classes) logits."""
     model = build(spec, torch.Generator().manual_seed(0)).eval()
-    assert isinstance(model, SparseCNN if is_cnn(spec) else SparseMLP)
+    assert isinstance(model, SparseCNN if is_cnn(spec) else SparseGraph if is_graph(spec) else SparseMLP)
     # every mask entry on, and as many as the registry counts (not active_weights(): at 138M weights a
     # few are drawn exactly 0.0 at initialization and are not counted as active)
     assert all(bool(layer.mask.all()) for layer in model.layers)
     assert sum(layer.mask.numel() for layer in model.layers) == spec.dense_weights()
     assert len(model.layers) == len(spec.widths) - 1 and list(model.widths) == list(spec.widths)
-    shape = spec.input_shape if is_cnn(spec) else (spec.widths[0],)
+    shape = spec.input_shape if is_cnn(spec) or is_graph(spec) else (spec.widths[0],)
     with torch.no_grad():
         out = model(torch.rand(batch, *shape, generator=torch.Generator().manual_seed(1)))
     assert out.shape == (batch, spec.widths[-1]) and bool(torch.isfinite(out).all())
@@ -70,10 +71,10 @@ def test_every_model_is_parametrized():
 @pytest.mark.parametrize("name", MODELS)
 def test_registered_model_fits_other_data_and_runs(name):
     spec = get_model(name)
-    if is_cnn(spec):  # two input channels and CLASSES outputs; the spatial size is the model's
+    if is_cnn(spec) or is_graph(spec):  # two input channels and CLASSES outputs; the spatial size is the model's
         fitted = spec.for_data((2, *spec.input_shape[1:]), CLASSES)
         assert fitted.widths[0] == 2
-        if fitted.dense_weights() > SHRINK_ABOVE:  # the same layout (kernels, strides, pooling), thinner
+        if fitted.dense_weights() > SHRINK_ABOVE and is_cnn(spec):  # (a graph network is built at full size)  # the same layout (kernels, strides, pooling), thinner
             fitted = fitted.with_widths((2, *(max(1, w // 16) for w in fitted.hidden), CLASSES))
     else:
         fitted = spec.for_data(64, CLASSES)

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .baselines.context import NEST, check_supported
 from . import config as config_mod
 from .config import Config
 from .data import DataBundle, Dataset, load_dataset, split_validation
 from .data.base import check_features, check_labels, check_training_size, count_classes
 from .errors import NestError
-from .registry import CNNSpec, ModelSpec, get_model, in_features_of
+from .registry import CNNSpec, GraphSpec, ModelSpec, get_model, in_features_of
 from .sparse import SparseCNN, SparseMLP, cnn_from_sequential, from_sequential
 from .synthesis import Synthesis
 
@@ -75,39 +76,66 @@ def bundle_from(train: DataLike, val: DataLike | None, test: DataLike | None, cf
     return DataBundle("user", tr, va, te, shape, classes)
 
 
-def resolve_reference(model: str | nn.Module | ModelSpec | CNNSpec, data: DataBundle):
-    """The reference architecture for this data: a fitted spec (MLP or CNN), a user's dense
-    MLP, or a user's CNN (as a CNNSpec named "custom").
+def resolve_reference(model: str | nn.Module | ModelSpec | CNNSpec | GraphSpec, data: DataBundle):
+    """The reference architecture for this data: a fitted spec (MLP, CNN or graph), a user's
+    dense MLP, a user's CNN (as a CNNSpec named "custom"), or a user's network of any other
+    shape (as a GraphSpec named "custom").
+
+    A user's ``nn.Sequential`` that is a plain chain (Linear layers, or conv stages then
+    Linear layers, with batch norm after every hidden layer or none) stays a SparseMLP /
+    SparseCNN reference, so every method (NeST included) runs on it as before; any other
+    ``nn.Module`` that :func:`nestsynth.graph.capture` accepts (residual adds,
+    concatenations, batch norm on some layers only, a forward of its own) becomes a graph
+    reference, which the baselines run on as a :class:`~nestsynth.graph.SparseGraph`.
 
     Raises:
-        NestError: unknown model, unsupported module, or a shape mismatch with the data.
+        NestError: unknown model, an unsupported module (capture's one sentence), or a shape
+            mismatch with the data.
     """
     features = in_features_of(data.input_shape)
     if isinstance(model, str):
         model = get_model(model)
     if isinstance(model, ModelSpec):
         return model.for_data(features, data.num_classes)
-    if isinstance(model, CNNSpec):
+    if isinstance(model, (CNNSpec, GraphSpec)):
         return model.for_data(data.input_shape, data.num_classes)
-    if isinstance(model, nn.Sequential) and any(isinstance(m, nn.Conv2d) for m in model):
-        if len(data.input_shape) != 3:
-            raise NestError(f"a CNN needs image inputs (C, H, W), but the data's inputs have shape "
-                            f"{tuple(data.input_shape)}.")
-        model = cnn_from_sequential(model, data.input_shape)
+    if isinstance(model, nn.Sequential):
+        chain = _chain_of(model, data)
+        model = chain if chain is not None else model
     if isinstance(model, SparseCNN):
         arch = model.arch()
         spec = CNNSpec("custom", tuple(arch["input_shape"]), tuple(arch["conv"]), tuple(arch["fc"]),
                        arch["batch_norm"], adaptive=False, description="user CNN")
         return spec.for_data(data.input_shape, data.num_classes)
-    ref = model if isinstance(model, SparseMLP) else (
-        from_sequential(model) if isinstance(model, nn.Sequential) else None)
-    if ref is None:
-        raise NestError(f"model must be a registered name, an mlp: spec or an nn.Sequential, got "
-                        f"{type(model).__name__}.")
-    if ref.widths[0] != features or ref.widths[-1] < data.num_classes:
-        raise NestError(f"the model has {ref.widths[0]} inputs and {ref.widths[-1]} outputs, but the "
-                        f"data has {features} features and {data.num_classes} classes.")
-    return ref
+    if isinstance(model, SparseMLP):
+        if model.widths[0] != features or model.widths[-1] < data.num_classes:
+            raise NestError(f"the model has {model.widths[0]} inputs and {model.widths[-1]} outputs, but the "
+                            f"data has {features} features and {data.num_classes} classes.")
+        return model
+    if isinstance(model, nn.Module):
+        return GraphSpec.of_module(model, data.input_shape, data.num_classes)
+    raise NestError(f"model must be a registered name, an mlp: spec or a torch.nn.Module, got "
+                    f"{type(model).__name__}.")
+
+
+def _chain_of(seq: nn.Sequential, data: DataBundle) -> SparseMLP | SparseCNN | None:
+    """The SparseMLP / SparseCNN of a plain-chain ``nn.Sequential``; None when it is not one
+    (it is then captured as a graph).
+
+    Raises:
+        NestError: a Sequential with convolutions for data that are not images.
+    """
+    if any(isinstance(m, nn.Conv2d) for m in seq):
+        if len(data.input_shape) != 3:
+            raise NestError(f"a CNN needs image inputs (C, H, W), but the data's inputs have shape "
+                            f"{tuple(data.input_shape)}.")
+        convert = lambda: cnn_from_sequential(seq, data.input_shape)  # noqa: E731
+    else:
+        convert = lambda: from_sequential(seq)  # noqa: E731
+    try:
+        return convert()
+    except NestError:  # not a chain the sparse MLP / CNN can express
+        return None
 
 
 def synthesize(model: str | nn.Module = "lenet-300-100", train: DataLike | None = None,
@@ -118,8 +146,12 @@ def synthesize(model: str | nn.Module = "lenet-300-100", train: DataLike | None 
 
     Args:
         model: a registered name (``"lenet-300-100"``), an ``"mlp:784-300-100-10"`` spec,
-            or a ``torch.nn.Sequential`` of Linear layers and element-wise activations
-            (its widths and activations are the reference; the seed is derived from it).
+            or a ``torch.nn.Sequential`` chain of Linear (or conv stages then Linear)
+            layers and element-wise activations (its widths and activations are the
+            reference; the seed is derived from it).  NeST grows and prunes chains only:
+            a graph reference (a ResNet, any other ``nn.Module``; see
+            :func:`resolve_reference`) is refused -- run the baselines on it with
+            :func:`nestsynth.baselines.prune`.
         train: training data as ``(X, y)`` tensors or a torch Dataset; None loads
             ``config.data.dataset``.
         val: validation data; None carves ``config.data.val_fraction`` from ``train``.
@@ -137,7 +169,25 @@ def synthesize(model: str | nn.Module = "lenet-300-100", train: DataLike | None 
         ...     nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3)), (X, y),
         ...     config={"growth": {"target": "0.5", "max_iterations": 2}})
     """
+    cfg, data, reference = prepare(model, train, val, test, config)
+    return run_synthesis(cfg, data, reference, Path(out) if out is not None else None, progress=progress)
+
+
+def prepare(model, train: DataLike | None, val: DataLike | None, test: DataLike | None,
+            config: Config | dict | str | Path | None, overrides: dict | None = None):
+    """The config, data and reference of an API run (:func:`synthesize`,
+    :func:`nestsynth.baselines.prune`).
+
+    Args:
+        model, train, val, test, config: as :func:`synthesize`.
+        overrides: config values set on top of ``config`` (e.g. ``{"method": "gradual"}``).
+
+    Returns:
+        (config, data bundle, reference from :func:`resolve_reference`).
+    """
     cfg = _as_config(config)
+    if overrides:
+        cfg = config_mod.from_dict(overrides, cfg)
     if train is None:
         data = load_dataset(cfg.data.dataset, cfg.data.data_dir or None,
                             val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
@@ -145,8 +195,7 @@ def synthesize(model: str | nn.Module = "lenet-300-100", train: DataLike | None 
         data = bundle_from(train, val, test, cfg)
     if isinstance(model, str) and cfg.model != model:
         cfg = config_mod.from_dict({"model": model}, cfg)
-    reference = resolve_reference(model, data)
-    return run_synthesis(cfg, data, reference, Path(out) if out is not None else None, progress=progress)
+    return cfg, data, resolve_reference(model, data)
 
 
 def _as_config(config) -> Config:
@@ -162,7 +211,13 @@ def _as_config(config) -> Config:
 
 def run_synthesis(cfg: Config, data: DataBundle, reference, out: Path | None, *, resume: bool = False,
                   progress: bool = False, on_iteration=None) -> tuple[SparseMLP, dict]:
-    """Run a synthesis in ``out`` (new, or continued from its last checkpoint)."""
+    """Run a synthesis in ``out`` (new, or continued from its last checkpoint).
+
+    Raises:
+        NestError: a graph reference (NeST grows and prunes chains only, for now), before
+            anything is written.
+    """
+    check_supported(NEST, reference)
     job = Synthesis(cfg, data, reference, out, progress=progress, on_iteration=on_iteration)
     if out is not None:
         if resume:

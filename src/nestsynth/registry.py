@@ -3,14 +3,34 @@
 A registered name (``lenet-300-100``) fixes the hidden widths; its input and output
 widths follow the data set (LeNet-300-100 on 8x8 digits is 64-300-100-10).  An
 explicit spec ``mlp:784-500-250-10`` fixes every width and must match the data.
+
+Three kinds of spec: :class:`ModelSpec` (an MLP), :class:`CNNSpec` (a sequential CNN)
+and :class:`GraphSpec` (any network :func:`nestsynth.graph.capture` accepts -- residual
+adds, concatenations, batch norm on some layers only --, built as a
+:class:`~nestsynth.graph.SparseGraph`): the CIFAR ResNets ``resnet20`` and
+``resnet18-cifar``, the MNIST ResNet-8 ``resnet-mnist``, and a user's own ``nn.Module``
+(:meth:`GraphSpec.of_module`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
 
 from .errors import NestError
+from .graph.capture import capture
+from .graph.ir import INPUT
+from .graph.models import resnet8_mnist, resnet18_cifar, resnet20_cifar
+from .graph.network import SparseGraph, example_input
+from .graph.ops import graph_flops, graph_weights
+from .graph.plain import describe
 from .metrics import dense_flops
 
 
@@ -155,7 +175,147 @@ class CNNSpec:
         return SparseCNN(spec.input_shape, list(spec.conv), list(spec.fc), self.batch_norm, generator)
 
 
-_MODELS: dict[str, ModelSpec | CNNSpec] = {}
+@dataclass(frozen=True)
+class _GraphSummary:
+    """What a GraphSpec's network is, from one capture (see :attr:`GraphSpec.summary`)."""
+
+    widths: tuple[int, ...]
+    weights: int
+    flops: int
+    has_conv: bool
+    output_is_last_layer: bool
+    outputs: int
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """A reference network of any architecture capture accepts, built as a SparseGraph.
+
+    Either ``make`` builds it (a registered network: ``make(in_channels, num_classes)``)
+    or ``module`` is it (a user's network, copied when the spec is made).  With
+    ``adaptive`` the input channels, the classes and the image size follow the data (the
+    registered ResNets end in a global average pool, so any image size fits); a user's
+    network is taken as it is.
+
+    ``widths`` are the units of the input (channels) and of every weight layer's output,
+    in graph order; dense weights and FLOPs (:mod:`nestsynth.graph.ops`, the
+    :mod:`nestsynth.metrics` convention) are for ``input_shape``.
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    make: Callable[[int, int], nn.Module] | None = dataclasses.field(default=None, compare=False)
+    module: nn.Module | None = dataclasses.field(default=None, compare=False)
+    adaptive: bool = True
+    description: str = ""
+
+    @classmethod
+    def of_module(cls, module: nn.Module, input_shape, num_classes: int) -> "GraphSpec":
+        """The spec of a user's network (named "custom") for data of ``input_shape`` samples
+        and ``num_classes`` classes.
+
+        The network reads the samples as they are, or flattened when it only runs on flat
+        vectors (an MLP-like network on image data).
+
+        Raises:
+            NestError: capture's one sentence for an unsupported network, a module that
+                cannot be stored as plain data, or fewer outputs than classes.
+        """
+        shape = tuple(int(v) for v in input_shape)
+        module = module.net if isinstance(module, SparseGraph) else module
+        spec = cls("custom", shape, int(num_classes), module=copy.deepcopy(module), adaptive=False,
+                   description="user network")
+        try:
+            spec.summary  # noqa: B018  (captures: refuses an unsupported network now)
+        except NestError:
+            if len(shape) == 1:
+                raise
+            flat = dataclasses.replace(spec, input_shape=(math.prod(shape),))
+            try:
+                flat.summary  # noqa: B018
+            except NestError:
+                spec.summary  # noqa: B018  (the sentence about the data's own shape)
+            spec = flat
+        return spec.for_data(shape, num_classes)
+
+    def network(self) -> nn.Module:
+        """A new ``nn.Module`` of this architecture (PyTorch's own initialization)."""
+        if self.make is not None:
+            return self.make(int(self.input_shape[0]), int(self.num_classes))
+        return copy.deepcopy(self.module)
+
+    @cached_property
+    def summary(self) -> _GraphSummary:
+        """Widths, dense counts and shape facts of the network on ``input_shape`` (one capture).
+
+        Raises:
+            NestError: capture's one sentence, or a module plain data cannot describe.
+        """
+        graph = capture(self.network(), example_input(self.input_shape))
+        describe(graph.module)  # a module type a model file could not rebuild: refused before training
+        layers = list(graph.layers)
+        widths = (graph.units[INPUT], *(graph.units[name] for name in layers))
+        outputs = graph.outputs
+        last = len(outputs) == 1 and outputs[0].expansion == 1 and outputs[0].sources == frozenset({layers[-1]})
+        n_out = sum(graph.units[next(iter(seg.sources))] * seg.expansion for seg in outputs)
+        has_conv = any(layer.out_hw is not None for layer in graph.layers.values())
+        return _GraphSummary(widths, graph_weights(graph), graph_flops(graph), has_conv, last, n_out)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return self.summary.widths
+
+    @property
+    def hidden(self) -> tuple[int, ...]:
+        return self.widths[1:-1]
+
+    @property
+    def is_mlp(self) -> bool:
+        """No convolution, and the output is the last layer's (the layer-wise methods' MLP)."""
+        return not self.summary.has_conv and self.summary.output_is_last_layer
+
+    def dense_weights(self) -> int:
+        return self.summary.weights
+
+    def dense_flops(self) -> int:
+        return self.summary.flops
+
+    def for_data(self, input_shape, num_classes: int) -> "GraphSpec":
+        """The spec fitted to the data (adaptive) or checked against it.
+
+        Raises:
+            NestError: an adaptive (image) network on data that are not images, a network
+                that does not run on the data's samples (capture's sentence), or fewer
+                outputs than the data has classes.
+        """
+        shape = tuple(int(v) for v in input_shape)
+        if self.adaptive:
+            if len(shape) != 3:
+                raise NestError(f"model {self.name!r} needs image inputs (C, H, W), but the data's inputs have "
+                                f"shape {shape}.")
+            fitted = dataclasses.replace(self, input_shape=shape, num_classes=int(num_classes))
+        else:
+            if math.prod(shape) != math.prod(self.input_shape):
+                raise NestError(f"model {self.name!r} reads inputs of shape {self.input_shape}, but the data's "
+                                f"inputs have shape {shape}.")
+            fitted = self
+        if fitted.summary.outputs < num_classes:
+            raise NestError(f"model {self.name!r} has {fitted.summary.outputs} outputs, but the data has "
+                            f"{num_classes} classes.")
+        return fitted
+
+    def build(self, generator: torch.Generator | None = None) -> SparseGraph:
+        """The dense SparseGraph of this network (every mask one).
+
+        Args:
+            generator: draw every weight from it (see :meth:`SparseGraph.from_module`);
+                None keeps the network's own weights (a user's trained ones).
+        """
+        return SparseGraph.from_module(self.network(), self.input_shape, generator)
+
+
+_MODELS: dict[str, ModelSpec | CNNSpec | GraphSpec] = {}
 
 
 def register_model(spec):
@@ -203,14 +363,21 @@ register_model(CNNSpec("vgg-16-cifar", (3, 32, 32), _vgg_convs(), (_fc(512, 0.5)
                        description="VGG-16 (batch norm) for 32x32 CIFAR-10 inputs; seed r = 0.75 as in §4.2"))
 register_model(CNNSpec("tiny-cnn", (1, 8, 8), (_conv(8, 3, 1, 1, "max:2:2"), _conv(16, 3, 1, 1, "max:2:2")),
                        (_fc(32), _fc(10)), description="a small CNN for 8x8 digits (tests, quick start)"))
+# Residual networks (graph references, SparseGraph); the counts are for the input shape given here.
+register_model(GraphSpec("resnet20", (3, 32, 32), 10, lambda c, k: resnet20_cifar(k, c),
+                         description="ResNet-20 for 32x32 CIFAR-10 (He et al. 2016; 1x1 projection shortcuts)"))
+register_model(GraphSpec("resnet18-cifar", (3, 32, 32), 10, lambda c, k: resnet18_cifar(k, c),
+                         description="ResNet-18, CIFAR variant (3x3 stem, no max pool; projection shortcuts)"))
+register_model(GraphSpec("resnet-mnist", (1, 28, 28), 10, lambda c, k: resnet8_mnist(k, c),
+                         description="ResNet-8 for 28x28 MNIST (8/16/32 channels, one block per stage)"))
 
 
-def list_models() -> list[ModelSpec]:
+def list_models() -> list[ModelSpec | CNNSpec | GraphSpec]:
     """All registered reference architectures, sorted by name."""
     return [_MODELS[k] for k in sorted(_MODELS)]
 
 
-def get_model(name: str) -> ModelSpec:
+def get_model(name: str) -> ModelSpec | CNNSpec | GraphSpec:
     """Look up a registered name or parse an ``mlp:IN-H1-...-OUT`` spec.
 
     Raises:
@@ -239,6 +406,10 @@ def _parse_mlp(name: str) -> ModelSpec:
 
 def is_cnn(spec) -> bool:
     return isinstance(spec, CNNSpec)
+
+
+def is_graph(spec) -> bool:
+    return isinstance(spec, GraphSpec)
 
 
 def in_features_of(input_shape: tuple[int, ...]) -> int:

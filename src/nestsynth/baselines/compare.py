@@ -23,7 +23,7 @@ from .. import checkpoint as ckpt
 from .. import config as config_mod
 from ..config import Config
 from ..errors import NestError
-from .registry import method_names
+from .registry import NEST, method_names
 from .runner import is_finished
 
 
@@ -123,13 +123,12 @@ def plan(base: Config, methods: list[str], seeds: list[int], out: Path, sizes: l
         raise NestError(f"unknown method {bad[0]!r}; known methods: {', '.join(known)}.")
     if not methods or not seeds:
         raise NestError("compare needs at least one method and one seed.")
-    from ..registry import get_model, is_cnn
+    from ..registry import get_model
     from .context import check_supported
     from .registry import get_method
-    if is_cnn(get_model(base.model)):  # refuse MLP-only methods before anything runs
-        for m in methods:
-            if m != "nest":
-                check_supported(get_method(m), True)
+    reference = get_model(base.model)
+    for m in methods:  # refuse a method that cannot run on the model before anything runs
+        check_supported(m if m == NEST else get_method(m), reference)
     jobs = []
     for m in methods:
         for size in ([None] if sizes is None or m == "dense" else sizes):

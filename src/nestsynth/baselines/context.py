@@ -1,11 +1,15 @@
 """What a method sees: data, the reference architecture, training and logging helpers.
 
-The reference is an MLP (widths, activations, batch norm) or a CNN
-(:class:`~nestsynth.registry.CNNSpec`, passed as ``spec``): :meth:`MethodContext.dense_model`
+The reference is an MLP (widths, activations, batch norm), a CNN
+(:class:`~nestsynth.registry.CNNSpec`, passed as ``spec``) or a graph network
+(:class:`~nestsynth.registry.GraphSpec`, also ``spec``): :meth:`MethodContext.dense_model`
 then builds ``spec.build(generator)``, a :class:`~nestsynth.sparse.SparseCNN` whose
-``layers`` are MaskedConv2d layers followed by MaskedLinear ones.  A method that only
-handles MLPs marks its run function with :func:`mlp_only`; the runner then refuses a
-CNN reference with one sentence before anything is written or trained.
+``layers`` are MaskedConv2d layers followed by MaskedLinear ones, or a
+:class:`~nestsynth.graph.SparseGraph` whose ``layers`` are its masked layers in graph
+order.  A method that cannot run on every reference marks its run function:
+:func:`mlp_only` (MLP references and graph networks of Linear layers only) or
+:func:`chain_only` (no graph references); the runner then refuses the reference with one
+sentence (:func:`check_supported`) before anything is written or trained.
 """
 
 from __future__ import annotations
@@ -16,18 +20,42 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import Config
+from ..config import NEST_METHOD, Config
 from ..data import DataBundle, random_affine
 from ..errors import NestError
+from ..registry import CNNSpec, GraphSpec
 from ..sparse import SparseCNN, SparseMLP
 from ..training import cosine_lr, epoch_steps, evaluate, make_optimizer, train_epoch
+
+NEST = NEST_METHOD
+#: Why NeST refuses a graph reference (its loop grows and prunes chains).
+NEST_CHAIN_ONLY = ("its growth and pruning run on chains for now (a graph network runs with the baselines: "
+                   "nestsynth prune --method METHOD)")
+
+
+def _mark(kind: str, reason: str) -> Callable:
+    """Mark a run function with ``kind`` ("mlp_only" / "chain_only") = ``reason``; the wrapped
+    function refuses an unsupported reference (:func:`refusal`) before any work."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(ctx, mcfg):
+            message = refusal(ctx.cfg.method, run, ctx.spec)
+            if message is not None:
+                raise NestError(message)
+            return fn(ctx, mcfg)
+
+        setattr(run, kind, reason)
+        return run
+
+    return wrap
 
 
 def mlp_only(reason: str) -> Callable:
     """Mark a method's run function as supporting MLP references only.
 
     The wrapped function raises :class:`NestError` ("method X supports MLP references
-    only; REASON.") when its context holds a CNN reference, before any work; the runner
+    only; REASON.") when its context holds a CNN reference or a graph network with
+    convolutions (or whose output is not its last layer's), before any work; the runner
     checks the same mark (:func:`check_supported`) before it creates the run directory.
 
     Args:
@@ -39,17 +67,21 @@ def mlp_only(reason: str) -> Callable:
         ... @mlp_only("layer-wise OBS is implemented for linear layers")
         ... def run_lobs(ctx, mcfg): ...
     """
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(ctx, mcfg):
-            if ctx.spec is not None:
-                raise NestError(unsupported_message(ctx.cfg.method, reason))
-            return fn(ctx, mcfg)
+    return _mark("mlp_only", reason)
 
-        run.mlp_only = reason
-        return run
 
-    return wrap
+def chain_only(reason: str) -> Callable:
+    """Mark a method's run function as supporting chain references only (an MLP or a
+    sequential CNN, not a :class:`~nestsynth.registry.GraphSpec`).
+
+    The refusal reads "method X supports chain references (an MLP or a sequential CNN)
+    only; REASON."; it combines with :func:`mlp_only` (put either outermost).
+
+    Args:
+        reason: why, completing the sentence (e.g. "it removes neurons of hidden layer h
+            from layer h + 1").
+    """
+    return _mark("chain_only", reason)
 
 
 def unsupported_message(method: str, reason: str) -> str:
@@ -57,15 +89,38 @@ def unsupported_message(method: str, reason: str) -> str:
     return f"method {method} supports MLP references only; {reason}."
 
 
-def check_supported(method, is_cnn: bool) -> None:
-    """Raise NestError when ``method`` (a registered Method) cannot run on this reference.
+def refusal(method: str, run: Callable | None, reference) -> str | None:
+    """The sentence refusing ``reference`` for ``method`` (run function ``run``; None for
+    NeST), or None when it runs on it.
+
+    Args:
+        method: the method's name.
+        run: its (marked) run function; ignored for NeST.
+        reference: a spec (ModelSpec, CNNSpec, GraphSpec), a user's SparseMLP, or None.
+    """
+    graph = isinstance(reference, GraphSpec)
+    chain = NEST_CHAIN_ONLY if method == NEST else getattr(run, "chain_only", None)
+    if graph and chain is not None:
+        return f"method {method} supports chain references (an MLP or a sequential CNN) only; {chain}."
+    reason = getattr(run, "mlp_only", None) if method != NEST else None
+    if reason is not None and (isinstance(reference, CNNSpec) or (graph and not reference.is_mlp)):
+        return unsupported_message(method, reason)
+    return None
+
+
+def check_supported(method, reference) -> None:
+    """Raise NestError when ``method`` (a registered Method, or :data:`NEST`) cannot run on
+    ``reference``.
 
     Raises:
-        NestError: a CNN reference for a method marked :func:`mlp_only`.
+        NestError: a CNN reference (or a graph network with convolutions) for a method
+            marked :func:`mlp_only`, a graph reference for one marked :func:`chain_only`
+            or for NeST.
     """
-    reason = getattr(method.run, "mlp_only", None)
-    if is_cnn and reason is not None:
-        raise NestError(unsupported_message(method.name, reason))
+    name = method if isinstance(method, str) else method.name
+    message = refusal(name, None if isinstance(method, str) else method.run, reference)
+    if message is not None:
+        raise NestError(message)
 
 
 class MethodContext:
@@ -76,7 +131,8 @@ class MethodContext:
         data: train/val/test split; decisions may use ``val`` only, never ``test``.
         widths, activations, batch_norm: the reference architecture (for a CNN: units per
             layer -- input channels, conv channels, fc neurons --, its activation, batch norm).
-        spec: the CNN reference (a ``CNNSpec``), or None for an MLP reference.
+        spec: the CNN reference (a ``CNNSpec``) or graph reference (a ``GraphSpec``), or
+            None for an MLP reference.
         device: where tensors live.
         generator: the run's random generator (seeded from ``cfg.seed``); every random
             choice of a method must draw from it, so runs are reproducible.
@@ -91,7 +147,7 @@ class MethodContext:
                  device: torch.device, progress: bool = False, on_log: Callable[["MethodContext"], None] | None = None,
                  spec=None):
         self.cfg, self.data, self.device, self.progress = cfg, data, device, progress
-        self.spec = spec  # a CNNSpec for a CNN reference, None for an MLP
+        self.spec = spec  # a CNNSpec or GraphSpec, None for an MLP
         self.on_log = on_log  # called after every logged row (the CLI prints it)
         self.widths, self.activations, self.batch_norm = list(widths), activations, batch_norm
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -107,14 +163,20 @@ class MethodContext:
     @property
     def is_cnn(self) -> bool:
         """True for a CNN reference (``dense_model`` builds a SparseCNN)."""
-        return self.spec is not None
+        return isinstance(self.spec, CNNSpec)
+
+    @property
+    def is_graph(self) -> bool:
+        """True for a graph reference (``dense_model`` builds a SparseGraph)."""
+        return isinstance(self.spec, GraphSpec)
 
     def dense_model(self) -> SparseMLP | SparseCNN:
         """A freshly initialized reference-architecture model with every mask entry 1.
 
         Returns:
-            ``spec.build(generator)`` (a SparseCNN) for a CNN reference, else a SparseMLP
-            of ``widths``; its initial weights are drawn from ``generator``.
+            ``spec.build(generator)`` (a SparseCNN, or a SparseGraph) for a CNN or graph
+            reference, else a SparseMLP of ``widths``; its initial weights are drawn from
+            ``generator``.
         """
         if self.spec is not None:
             return self.spec.build(self.generator).to(self.device)

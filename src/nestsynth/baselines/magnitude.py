@@ -18,6 +18,11 @@ layers: Han uses the hidden ``q`` for them and lottery the hidden ``rate`` (Fran
 Carbin prune their Conv-2/4/6 conv layers at 10-15% per round: set ``rate`` for that).
 Area masks of partial-area convolution are not touched (baselines prune weights only).
 
+Graph references (``SparseGraph``, e.g. ``resnet20``, or a user's residual network): the
+same, over ``model.layers`` in graph order; "the output layer" (Han's output ``q``,
+lottery's ``output_rate``) is the last weight layer in that order (the classifier of a
+ResNet); the projection shortcuts are hidden layers like the others.
+
 dense
     Definition followed: train the reference architecture for ``epochs``; no pruning.
     Recorded as the dense reference.

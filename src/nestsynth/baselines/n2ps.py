@@ -60,7 +60,9 @@ the layer's significances) and the seed's "normalized average value" (read as th
 pattern-averaged activation, compared with the layer's average significance).
 
 MLP references only (a CNN reference is refused with a NestError before any work): the
-significance is defined for fully connected neurons, not for feature maps.
+significance is defined for fully connected neurons, not for feature maps.  Chains only
+(a graph reference is refused the same way): a neuron of hidden layer h is removed with
+its column of layer h + 1, the only layer that reads it in a chain.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ import torch
 
 from ..config import check
 from ..sparse import keep_units
-from .context import mlp_only
+from .context import chain_only, mlp_only
 from .registry import register_method
 
 MEASURES = ("sigmoid", "abs")
@@ -184,6 +186,8 @@ def prune_round(model, X: torch.Tensor, measure: str = "sigmoid", threshold_scal
 @register_method("n2ps", N2psConfig,
                  "N2PS (Augasta & Kathirvalavakumar 2011): remove hidden neurons whose significance "
                  "sum_k sigma(a_j w_kj) is below the layer average, retrain, repeat")
+@chain_only("it removes the neurons of hidden layer h together with their inputs to layer h + 1, which "
+            "only a chain has")
 @mlp_only("its neuron significance is defined for fully connected neurons only")
 def run_n2ps(ctx, mcfg: N2psConfig):
     """N2PS on the reference architecture; returns the pruned, retrained model."""

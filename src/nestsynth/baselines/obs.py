@@ -70,9 +70,10 @@ per-layer sparsity is set by a target sparsity per layer (the paper uses
 per-layer compression ratios); here one ``sparsity`` for every layer, optionally
 another for the output layer.  Ties in L are broken by position (row-major).
 
-MLP references only (a CNN reference is refused with a NestError before any work): the layer
-Hessian ``H`` above is over a linear layer's input vector; for a conv layer it would be over the
-unfolded input patches, which is not implemented.
+MLP references only (a CNN reference, or a graph network with conv layers, is refused with a
+NestError before any work): the layer Hessian ``H`` above is over a linear layer's input vector;
+for a conv layer it would be over the unfolded input patches, which is not implemented.  A graph
+network of Linear layers (residual MLP) runs: each layer's inputs come from ``model.trace``.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ Behavior of Sparse Neural Network Topologies")
     setup.
 
 MLP references only (a CNN reference is refused with a NestError before any work): RadiX-Net
-topologies are masks of fully connected layers.
+topologies are masks of fully connected layers.  Chains only (a graph reference is refused the
+same way): the topology is built for consecutive layer widths.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ..config import check
 from ..errors import NestError
 from ..seeds.radix import choose_radices, radix_masks_for_widths, random_equivalent, split_radices
 from ..sparse import SparseMLP, set_mask
-from .context import mlp_only
+from .context import chain_only, mlp_only
 from .registry import register_method
 
 TOPOLOGIES = ("radix", "random")
@@ -103,6 +104,7 @@ def install(model: SparseMLP, masks, rescale: bool) -> None:
 
 @register_method("radix", RadixMethodConfig,
                  "RadiX-Net (Robinett & Kepner 2019) fixed sparse topology, trained from scratch")
+@chain_only("a RadiX-Net is a topology of consecutive layer widths, which only a chain has")
 @mlp_only("RadiX-Net topologies are defined for fully connected layers only")
 def run_radix(ctx, mcfg: RadixMethodConfig) -> SparseMLP:
     """Train the reference MLP from scratch on a fixed RadiX-Net (or random-equivalent) topology."""

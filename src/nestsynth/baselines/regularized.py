@@ -32,10 +32,12 @@ Regularization" (ICLR 2018); seed 003.
     returned model equals the deterministic gated network exactly.  The kept count
     is the number of gates with z_hat > 0, i.e. log_alpha > log(-gamma / zeta) = -2.40.
 
-    CNN references: every kernel weight of a conv layer gets its own gate (the gates
-    have the (out, in, k, k) kernel shape) and the gated conv layer is computed as
+    CNN and graph references: every kernel weight of a conv layer gets its own gate (the
+    gates have the (out, in, k, k) kernel shape) and the gated conv layer is computed as
     ``conv2d(x, W * M * z) + b`` (times the area mask, as MaskedConv2d); everything else
-    (penalty, folding) is the same per weight.
+    (penalty, folding) is the same per weight.  The gated network is the model's own
+    forward with every mask M replaced by M * z, so any structure (residual adds,
+    concatenations) is gated alike.
 
     Deviations: gates are per weight (unstructured), not per input neuron (or, for
     conv layers, per feature map) as in the paper's experiments, because every method
@@ -86,7 +88,10 @@ Neural Networks via Sensitivity-Driven Regularization" (NeurIPS 2018); seed 003.
 
     MLP references only: a conv weight's ``dy_k(x_n)/dw`` sums ``delta * x`` over the
     output positions, so ``|.|`` does not factorise and S would need per-example
-    gradients; a CNN reference is refused with a NestError before any work.
+    gradients; a CNN reference (or a graph network with conv layers, or whose output is
+    not its last layer's logits) is refused with a NestError before any work.  A graph
+    network of Linear layers (residual MLP) runs: ``model.trace`` gives every layer's
+    input and output, the last layer's output being the logits.
 
     Deviations: (1) the harness's ``after_step`` sees no batch, so S is estimated on
     a separate random minibatch of ``train.batch_size`` training examples each step,
@@ -123,11 +128,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from ..config import check
-from ..sparse import MaskedConv2d, SparseCNN, SparseMLP, set_mask
+from ..sparse import SparseMLP, set_mask
 from .context import mlp_only
 from .magnitude import steps_per_epoch
 from .registry import register_method
@@ -192,26 +197,29 @@ def deterministic_gate(log_alpha: torch.Tensor) -> torch.Tensor:
 def gated_layer(layer, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``layer``'s pre-normalisation output computed with ``weight`` instead of ``W * M``.
 
+    The layer's own forward runs with ``weight`` and a full mask in place of its tensors
+    (``torch.func.functional_call``), so its bias, stride, padding, dilation and area mask
+    apply as they do in the layer.
+
     Args:
-        layer: a MaskedLinear or MaskedConv2d (its bias, stride, padding and area mask are used).
+        layer: a MaskedLinear or MaskedConv2d.
         weight: (out, in) or (out, in, k, k) weights, e.g. ``W * M * z``.
         x: (B, in) or (B, in, H, W) input.
 
     Returns:
         (B, out) or (B, out, H', W'): as ``layer(x)`` with the given weights.
     """
-    if isinstance(layer, MaskedConv2d):
-        u = F.conv2d(x, weight, None, layer.stride, layer.padding) + layer.bias.view(1, -1, 1, 1)
-        return u * layer.area if not bool(layer.area.all()) else u
-    return F.linear(x, weight, layer.bias)
+    return functional_call(layer, {"weight": weight, "mask": torch.ones_like(layer.mask)}, (x,))
 
 
 class L0Gates(nn.Module):
-    """A SparseMLP or SparseCNN computed with hard-concrete-gated weights ``W * M * z``.
+    """A SparseMLP, SparseCNN or SparseGraph computed with hard-concrete-gated weights ``W * M * z``.
 
     ``log_alpha`` of layer i is ``scale * theta[i]`` (see the module docstring for
     why a scale).  In train mode each forward draws fresh gates; in eval mode it
-    uses the test-time gates.
+    uses the test-time gates.  The network's own forward runs with every layer's mask
+    ``M`` replaced by ``M * z`` (``torch.func.functional_call``): since ``M`` is 0/1, its
+    layers compute ``W * (M * z) = W * M * z``, whatever the network's structure.
 
     Args:
         model: the network whose weights are gated (trained in place).
@@ -239,12 +247,9 @@ class L0Gates(nn.Module):
         return hard_concrete_sample(la, u, self.beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, *input_shape) -> (B, classes)
-        m = self.model
-        x = x.reshape(len(x), *m.input_shape) if isinstance(m, SparseCNN) else x.flatten(1)
-        for i, layer in enumerate(m.layers):
-            u = gated_layer(layer, layer.weight * layer.mask * self.gate(i), x)
-            x = m.hidden_post(i, u) if i < m.n_hidden else u
-        return x
+        paths = {id(module): name for name, module in self.model.named_modules()}
+        masks = {f"{paths[id(layer)]}.mask": layer.mask * self.gate(i) for i, layer in enumerate(self.model.layers)}
+        return functional_call(self.model, masks, (x,))
 
     def expected_l0(self) -> torch.Tensor:
         """Sum over active connections of P(z != 0) (a scalar tensor)."""

@@ -13,7 +13,7 @@ from ..config import Config
 from ..data import DataBundle
 from ..errors import NestError
 from ..metrics import activation_density, layer_table
-from ..registry import CNNSpec, ModelSpec
+from ..registry import CNNSpec, GraphSpec, ModelSpec
 from ..sanity import check_run, emit
 from ..sparse import SparseCNN, SparseMLP
 from ..training import evaluate
@@ -21,15 +21,47 @@ from .context import MethodContext, check_supported
 from .registry import NEST, get_method
 
 
-def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | CNNSpec | SparseMLP, out: Path | None, *,
-               resume: bool = False, progress: bool = False,
+def prune(model="lenet-300-100", train=None, val=None, test=None, method: str = "gradual", config=None,
+          out: str | Path | None = None, progress: bool = False):
+    """Run a registered method (a baseline, or ``"nest"``) through the Python API.
+
+    Args:
+        model: a registered name (``"resnet20"``, ``"lenet-300-100"``), an ``mlp:`` spec,
+            or any ``torch.nn.Module`` (see :func:`nestsynth.api.resolve_reference`: a
+            plain ``nn.Sequential`` chain stays an MLP / CNN reference, any other network
+            is a graph reference, built as a :class:`~nestsynth.graph.SparseGraph`).
+        train, val, test, config, out, progress: as :func:`nestsynth.synthesize`.
+        method: the method's name (``nestsynth methods`` lists them); it overrides the
+            config's ``method``.
+
+    Returns:
+        (model, report): the final masked model (SparseMLP, SparseCNN or SparseGraph) and
+        the report (the layout of report.json).
+
+    Raises:
+        NestError: unknown method or model, an unsupported network, or a method that
+            cannot run on it (one sentence, before any work).
+
+    Example:
+        >>> net, report = nestsynth.baselines.prune(MyResNet(), (X, y), method="gradual",
+        ...     config={"methods": {"gradual": {"epochs": 2, "end_epoch": 1}}})
+    """
+    from ..api import prepare
+
+    cfg, data, reference = prepare(model, train, val, test, config, {"method": method})
+    return run_method(cfg, data, reference, Path(out) if out is not None else None, progress=progress)
+
+
+def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | CNNSpec | GraphSpec | SparseMLP,
+               out: Path | None, *, resume: bool = False, progress: bool = False,
                on_iteration=None) -> tuple[SparseMLP | SparseCNN, dict]:
     """Run ``cfg.method`` on ``data`` for the reference architecture.
 
-    ``reference`` is an MLP spec, a user's dense SparseMLP, or a ``CNNSpec`` fitted to
-    the data (see :func:`nestsynth.api.resolve_reference`); for a CNN the baseline's
-    ``ctx.dense_model()`` is ``spec.build(ctx.generator)`` and the report's dense
-    reference is the spec's weights and FLOPs.
+    ``reference`` is an MLP spec, a user's dense SparseMLP, or a ``CNNSpec`` or
+    ``GraphSpec`` fitted to the data (see :func:`nestsynth.api.resolve_reference`); for a
+    CNN or graph network the baseline's ``ctx.dense_model()`` is
+    ``spec.build(ctx.generator)`` and the report's dense reference is the spec's weights
+    and FLOPs.
 
     NeST runs through :mod:`nestsynth.synthesis` (checkpointed per iteration).  A
     baseline runs start to finish (minutes); ``resume`` on an unfinished baseline run
@@ -41,16 +73,16 @@ def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | CNNSpec | S
 
     Raises:
         NestError: unknown method, a directory that holds another run, bad config values,
-            a CNN reference for a method that supports MLPs only (raised before ``out`` is
-            created).
+            a reference the method does not support (a CNN for an MLP-only method, a graph
+            network for a chain-only one or for NeST; raised before ``out`` is created).
     """
     if cfg.method == NEST:
         from ..api import run_synthesis
         return run_synthesis(cfg, data, reference, out, resume=resume, progress=progress,
                              on_iteration=on_iteration)
     method = get_method(cfg.method)
-    spec = reference if isinstance(reference, CNNSpec) else None
-    check_supported(method, spec is not None)
+    spec = reference if isinstance(reference, (CNNSpec, GraphSpec)) else None
+    check_supported(method, reference)
     if out is not None:
         _prepare(out, cfg, resume)
     widths, acts, bn, model_name = _reference_shape(reference)
@@ -73,8 +105,8 @@ def method_report(ctx: MethodContext, model: SparseMLP | SparseCNN, model_name: 
     ``report["warnings"]`` holds the sanity checks' sentences (:mod:`nestsynth.sanity`),
     also logged on the ``nestsynth.sanity`` logger.
 
-    The dense reference (weights, FLOPs) is ``ctx.spec``'s for a CNN, the MLP of
-    ``ctx.widths`` otherwise.
+    The dense reference (weights, FLOPs) is ``ctx.spec``'s for a CNN or graph network, the
+    MLP of ``ctx.widths`` otherwise.
     """
     from ..report.summary import core_report
 
@@ -125,5 +157,8 @@ def _device(name: str) -> torch.device:
 
 
 def _reference_shape(reference):
+    """(widths, activations, batch norm, model name) of the reference."""
+    if isinstance(reference, GraphSpec):  # units per layer; its activations are in the network itself
+        return list(reference.widths), None, False, reference.name
     from ..synthesis import _reference_shape as shape
     return shape(reference)

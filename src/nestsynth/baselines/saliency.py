@@ -55,7 +55,8 @@ masked weights stay exactly zero (their gradient is zero through ``W * M``).
 CNN references (``SparseCNN``): the scores are autograd quantities of any layer, so
 conv kernels (out, in, k, k) are scored like linear weights and the global top-k runs
 over all flattened weights of all layers together (``kept = round(total * (1 - s))``
-with ``total`` counting conv and linear weights).
+with ``total`` counting conv and linear weights).  Graph references (``SparseGraph``) are
+scored the same way through their own forward (residual adds and concatenations included).
 
 Deviations: the initialization is the harness's (PyTorch's default uniform, from
 ``ctx.generator``), not the variance-scaling init of the SNIP paper, so every method
