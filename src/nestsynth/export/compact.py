@@ -38,6 +38,8 @@ from .choose import choose_storage
 from .compact_base import (FORMAT, GATHER_MIN_FRACTION, STORAGES, VERSION, CompactLinear,  # noqa: F401
                            CompactNet, to_csr)
 from .compact_cnn import compact_cnn_from_sparse
+from .compact_graph import compact_graph_from_sparse
+from ..graph.network import SparseGraph
 
 LAYER_TYPES: dict[str, type] = {"linear": CompactLinear}
 
@@ -150,9 +152,11 @@ def prune_dead_neurons(weights: list[torch.Tensor], biases: list[torch.Tensor],
 
 def compact_from_sparse(model: SparseMLP, storage: str = "auto", batch_size: int = 1,
                         input_shape=None, meta: dict | None = None, **choose_kwargs) -> tuple[CompactMLP, dict]:
-    """Build the compact inference model of a (trained) SparseMLP, or of a SparseCNN
+    """Build the compact inference model of a (trained) SparseMLP, of a SparseCNN
     (then a :class:`~nestsynth.export.compact_cnn.CompactCNN`, see
-    :func:`~nestsynth.export.compact_cnn.compact_cnn_from_sparse`).
+    :func:`~nestsynth.export.compact_cnn.compact_cnn_from_sparse`) or of a SparseGraph
+    (a :class:`~nestsynth.export.compact_graph.CompactGraph`, see
+    :func:`~nestsynth.export.compact_graph.compact_graph_from_sparse`).
 
     Args:
         model: the masked model (its batch-norm statistics are used, as in eval mode).
@@ -174,6 +178,8 @@ def compact_from_sparse(model: SparseMLP, storage: str = "auto", batch_size: int
         raise NestError(f"unknown --sparse mode {storage!r}; valid: auto, dense, csr.")
     if isinstance(model, SparseCNN):  # see compact_cnn (the input shape is the model's own)
         return compact_cnn_from_sparse(model, storage, batch_size, meta, **choose_kwargs)
+    if isinstance(model, SparseGraph):  # see compact_graph (dense layers, the input shape is the model's own)
+        return compact_graph_from_sparse(model, storage, batch_size, meta)
     layers_fd = folded_layers(model)
     weights = [w for w, _ in layers_fd]
     biases = [b for _, b in layers_fd]

@@ -9,8 +9,9 @@
   sparse-matrix operator that runtimes execute as such), the architecture as JSON in
   the model's metadata (key ``nestsynth``).  Needs the ``onnx`` extra.
 
-Each format holds a :class:`CompactMLP` or a :class:`CompactCNN`; the architecture's
-``kind`` (``"sequential"`` / ``"cnn"``) picks the class on load (:func:`compact_from_state`).
+Each format holds a :class:`CompactMLP`, a :class:`CompactCNN` or a :class:`CompactGraph`;
+the architecture's ``kind`` (``"sequential"`` / ``"cnn"`` / ``"graph"``) picks the class on
+load (:func:`compact_from_state`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ..errors import NestError
 from .compact import FORMAT, CompactMLP
 from .compact_cnn import KIND as CNN_KIND
 from .compact_cnn import CompactCNN
+from .compact_graph import KIND as GRAPH_KIND
+from .compact_graph import CompactGraph
 
 FORMATS = ("pytorch", "safetensors", "onnx")
 SUFFIX = {"pytorch": ".pt", "safetensors": ".safetensors", "onnx": ".onnx"}
@@ -65,6 +68,8 @@ def compact_from_state(arch, tensors: dict) -> CompactMLP | CompactCNN:
     """
     if isinstance(arch, dict) and arch.get("kind") == CNN_KIND:
         return CompactCNN.from_state(arch, tensors)
+    if isinstance(arch, dict) and arch.get("kind") == GRAPH_KIND:
+        return CompactGraph.from_state(arch, tensors)
     return CompactMLP.from_state(arch, tensors)
 
 

@@ -1,7 +1,9 @@
 """The three operations behind the command line: export, evaluate, bench-infer.
 
 Each accepts a SparseMLP run (a :class:`CompactMLP` artifact) or a SparseCNN run (a
-:class:`CompactCNN` artifact).  For a CNN run the dense reference timed by bench-infer
+:class:`CompactCNN` artifact); export and evaluate also accept a SparseGraph run (a
+:class:`~nestsynth.export.compact_graph.CompactGraph` artifact, dense layers; bench-infer
+refuses it).  For a CNN run the dense reference timed by bench-infer
 is the registered spec of the run's model (``registry.get_model(report["model"])``)
 built with the report's reference widths, or -- for a model that is not registered
 (a user CNN) -- the final model's layout with those widths; its weights are random
@@ -26,12 +28,14 @@ import torch
 from .. import checkpoint as ckpt
 from ..errors import NestError
 from ..metrics import dense_flops, reference_flops
+from ..graph.network import SparseGraph
 from ..report.summary import load_model
 from ..sparse.cnn import SparseCNN
 from ..sparse.mlp import SparseMLP
 from .bench import measure_latency
 from .compact import CompactLinear, CompactMLP, compact_from_sparse, max_abs_difference
 from .compact_cnn import CompactCNN, CompactConv2d
+from .compact_graph import CompactGraph
 from .formats import (FORMATS, SUFFIX, OnnxModel, _require_onnx, artifact_files, format_of, load_artifact,
                       load_onnx, onnx_bytes, save_artifact)
 
@@ -65,14 +69,18 @@ class Source:
         return isinstance(self.model, SparseCNN)
 
     @property
+    def is_graph(self) -> bool:
+        return isinstance(self.model, SparseGraph)
+
+    @property
     def n_inputs(self) -> int:
-        """Values per input sample (MLP: the input width; CNN: C x H x W)."""
-        return math.prod(self.model.input_shape) if self.is_cnn else self.model.widths[0]
+        """Values per input sample (MLP: the input width; CNN and graph: C x H x W)."""
+        return math.prod(self.model.input_shape) if self.is_cnn or self.is_graph else self.model.widths[0]
 
     @property
     def sample_shape(self) -> list[int]:
         """Shape of one input sample."""
-        if self.is_cnn:
+        if self.is_cnn or self.is_graph:
             return list(self.model.input_shape)
         return list(self.input_shape or [self.model.widths[0]])
 
@@ -103,7 +111,7 @@ def load_source(path: str | Path) -> Source:
             raise NestError(f"{str(ckpt.report_path(run))!r} is not valid JSON.") from None
         if not src.input_shape and src.report.get("input_shape"):
             src.input_shape = list(src.report["input_shape"])
-    if src.is_cnn and not src.input_shape:
+    if (src.is_cnn or src.is_graph) and not src.input_shape:
         src.input_shape = list(model.input_shape)
     if run is not None and ckpt.config_path(run).is_file():
         try:
@@ -246,7 +254,8 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
         meta = {"name": src.name, "dataset": dataset or src.dataset, "data_dir": data_dir or src.data_dir,
                 "source_run": str(src.run_dir.resolve()) if src.run_dir else None,
                 "source_model": str(src.model_file.resolve()), "reference_widths": src.reference_widths,
-                "masked_widths": src.model.widths, "activations": list(src.model.activation_specs),
+                "masked_widths": src.model.widths,
+                "activations": None if src.is_graph else list(src.model.activation_specs),
                 "test_error_masked_report": src.report.get("test_error")}
         compact, info = compact_from_sparse(src.model, storage, batch_size, src.input_shape, meta)
         if check == "test":
@@ -351,7 +360,8 @@ def evaluate_artifact(path: str | Path, dataset: str | None = None, data_dir: st
     if not data_dir and meta.get("data_dir") and Path(meta["data_dir"]).is_dir():
         data_dir = meta["data_dir"]
     test = _test_set(dataset, data_dir)
-    n_inputs = model.n_inputs if isinstance(model, (CompactMLP, CompactCNN)) else (model.arch.get("n_inputs")
+    n_inputs = model.n_inputs if isinstance(model, (CompactMLP, CompactCNN, CompactGraph)) else (
+        model.arch.get("n_inputs")
                                                                      or test.X[0].numel())
     _check_width(int(n_inputs), test.X, str(path))
     _check_classes(model, test.X, test.y, dataset, str(path))
@@ -480,6 +490,9 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
         raise NestError(f"--repeats must be at least 3, got {repeats}.")
     ckpt.check_can_write(Path(out) if out else artifact.parent / "inference.json", "--out")
     compact = load_artifact(artifact)
+    if isinstance(compact, CompactGraph):
+        raise NestError("bench-infer times MLP and sequential CNN exports only; a graph network's export is "
+                        "checked by nestsynth export and its test error measured by nestsynth evaluate.")
     run = run or compact.meta.get("source_run") or compact.meta.get("source_model")
     if not run:
         raise NestError(f"{str(artifact)!r} does not record its run; pass --run RUN_DIR.")
