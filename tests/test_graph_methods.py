@@ -248,6 +248,8 @@ def test_cli_prune_report_export_and_models_with_resnet_mnist(tmp_path):
     assert rc == 0 and "check on 360 test set" in out, err
     rc, out, _ = call(["evaluate", run / "export" / "compact.onnx", "--json"])
     assert rc == 0 and json.loads(out)["test_error"] == pytest.approx(report["test_error"])
+    rc, _, err = call(["compress", run])
+    assert rc == 2 and "compress supports MLP and sequential CNN runs only" in one_error_line(err)
     rc, out, _ = call(["models"])
     assert rc == 0 and any(line.startswith("resnet20 ") and "270,896" in line for line in out.splitlines())
     rc, _, err = call(["prune", "--method", "lobs", "--model", "resnet-mnist", "--dataset", "digits",

@@ -137,9 +137,15 @@ class SparseGraph(MaskedLayers):
         return list(self._netgraph.layers)
 
     @property
-    def layers(self) -> list[nn.Module]:
-        """The masked weight layers (MaskedLinear / MaskedConv2d), in graph order."""
-        return [self.net.get_submodule(name) for name in self._netgraph.layers]
+    def layers(self) -> nn.ModuleList:
+        """The masked weight layers (MaskedLinear / MaskedConv2d), in graph order.
+
+        A ModuleList made on each access and not registered (the layers live in
+        :attr:`net`; the state dict names them there), so ``model.layers[i]`` and paths
+        such as ``"layers.0.weight"`` (``torch.func.functional_call``) mean what they mean
+        for a SparseMLP or SparseCNN.
+        """
+        return nn.ModuleList(self.net.get_submodule(name) for name in self._netgraph.layers)
 
     @property
     def norms(self) -> list[nn.Module]:
