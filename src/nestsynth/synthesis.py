@@ -1,5 +1,16 @@
 """The NeST loop: sequences seed -> (dense reference) -> growth -> pruning -> report.
 
+One loop serves every reference: the connection-level policies (Policy 1 growth by
+|dL/dw|, Policy 4 pruning by |W*| with the size schedule, scopes, rewiring and top-up, and
+partial-area convolution) work on ``model.layers`` of any masked network (a SparseMLP or
+SparseCNN chain, or a :class:`~nestsynth.graph.SparseGraph`); what depends on how units are
+wired -- the seed, the dense reference, unit growth (Policies 2 and 3) and unit removal --
+is dispatched to a *unit backend*: :class:`ChainUnits` (hidden layer h read by layer
+h + 1) or :class:`GraphUnits` (coupled groups of a graph: :mod:`nestsynth.growth.groups`,
+:mod:`nestsynth.pruning.groups`, :mod:`nestsynth.seeds.graph`).  On a one-member,
+one-consumer group the graph rules reduce to the chain's; the chain keeps its own code so
+its results stay exactly as they were.
+
 Every unit of work (the dense reference, one growth iteration, one pruning
 iteration, the final fine-tuning) ends with an atomic checkpoint that holds the
 model, the optimizer, the random generator and the loop's plain-data state, so a
@@ -28,9 +39,11 @@ from .growth.scores import scan_indices
 from .metrics import activation_density, layer_table, totals
 from .pruning import (constant_rate_removal, cubic_count, effective_scores, erk_allocation, lamp_scores,
                       neurons_to_keep, output_statistics, prune_smallest_global, remove_neurons, split_removal)
+from .graph.network import KIND as GRAPH_KIND
+from .graph.network import SparseGraph
 from .registry import CNNSpec, ModelSpec
 from .seeds import make_seed
-from .sparse import SparseMLP, append_units, model_from_arch, set_mask
+from .sparse import MaskedConv2d, SparseMLP, append_units, model_from_arch, set_mask
 from .training import (NonFiniteLoss, cosine_lr, epoch_steps, evaluate, make_optimizer, samples_per_epoch,
                        train_epoch)
 
@@ -84,8 +97,10 @@ class Synthesis:
     Args:
         cfg: the resolved config.
         data: train/val/test data.
-        reference: the reference architecture (a spec fitted to the data, or a user's
-            dense SparseMLP whose widths and activations are the reference).
+        reference: the reference architecture: a spec fitted to the data (an MLP or CNN
+            spec, or a graph spec: anything whose ``build(generator)`` returns a
+            SparseGraph), a user's dense SparseMLP whose widths and activations are the
+            reference, or a SparseGraph (its architecture; the weights are drawn anew).
         out: run directory for checkpoints and reports, or None (in memory only).
         progress: show progress bars.
         on_iteration: called after every checkpoint with the loop state (tests use it
@@ -98,19 +113,16 @@ class Synthesis:
         self.cfg, self.data, self.out = cfg, data, out
         self.progress, self.on_iteration = progress, on_iteration
         self.device = resolve_device(cfg.device)
-        self.spec = reference if isinstance(reference, CNNSpec) else None  # CNN references
+        graph = is_graph_reference(reference)
+        # the spec the report counts the dense reference from (None: an MLP, by its widths)
+        self.spec = reference if isinstance(reference, CNNSpec) or graph else None
         self.ref_widths, self.ref_acts, self.ref_bn, self.model_name = _reference_shape(reference)
         self.X, self.y = data.train.X.to(self.device), data.train.y.to(self.device)
         self.Xv, self.yv = (data.val.X.to(self.device), data.val.y.to(self.device)) if data.val else (None, None)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.state = LoopState()
-        if self.spec is not None:
-            from .seeds.cnn import make_cnn_seed
-            self.model = make_cnn_seed(self.spec, cfg.seed_net.ratio, cfg.seed_net.density,
-                                       self.generator).to(self.device)
-        else:
-            self.model = make_seed(self.ref_widths, cfg.seed_net.ratio, cfg.seed_net.density, self.generator,
-                                   self.ref_acts, self.ref_bn, cfg.seed_net.topology).to(self.device)
+        self.units = GraphUnits(self, reference) if graph else ChainUnits(self, reference)
+        self.model = self.units.seed().to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.accepted: dict | None = None
         self.area_removed = 0  # output positions removed by the current pruning step (CNNs)
@@ -164,8 +176,7 @@ class Synthesis:
         the target is a number."""
         t0 = time.monotonic()
         gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
-        dense = (self.spec.build(gen) if self.spec is not None else
-                 SparseMLP(self.ref_widths, self.ref_acts, self.ref_bn, generator=gen)).to(self.device)
+        dense = self.units.dense(gen).to(self.device)
         opt = make_optimizer(dense, self.cfg.train)
         self._train(dense, opt, self.cfg.dense.epochs, gen, "dense reference")
         val = self._val(dense)
@@ -263,7 +274,7 @@ class Synthesis:
                 break
         nothing = removed + sum(neurons_removed) + getattr(self, "area_removed", 0) == 0
         accepted = val <= st.bound or (sized and p.guard == "warn")
-        extra = {"pruned_area": self.area_removed} if self.spec is not None else {}
+        extra = {"pruned_area": self.area_removed} if self.units.has_area else {}
         if p.backoff:
             extra["rate_scale"] = st.rate_scale
         if rewired:
@@ -327,14 +338,16 @@ class Synthesis:
         return self.X[idx], self.y[idx]
 
     def _grow(self) -> dict:
-        """One growth step: connections (Policy 1) in every layer, then neurons (Policy 2)."""
+        """One growth step: connections (Policy 1) in every layer, then units (Policies 2
+        and 3, by the unit backend)."""
         g, model = self.cfg.growth, self.model
         X, y = self._score_data()
-        # CNNs rank dormant connections in blocks with a running top-k (bounded memory)
-        blocked = self.spec is not None and g.connections and g.connection_scope == "global"
-        scan = (gradient_scan(model, X, y, self.cfg.train.eval_batch_size, bridges=g.neurons, grads=not blocked)
-                if g.neurons or not blocked else None)
-        conns, neurons = 0, []
+        # networks with convolutions rank dormant connections in blocks with a running top-k (bounded memory)
+        blocked = _has_conv(model) and g.connections and g.connection_scope == "global"
+        bridges = g.neurons and self.units.scan_bridges
+        scan = (gradient_scan(model, X, y, self.cfg.train.eval_batch_size, bridges=bridges, grads=not blocked)
+                if bridges or not blocked else None)
+        conns = 0
         if g.connections:
             masks = [layer.mask for layer in model.layers]
             k_layer = [connections_to_grow(m[0].numel(), m.shape[0], g.connection_fraction) for m in masks]
@@ -348,49 +361,7 @@ class Synthesis:
             for layer, new in zip(model.layers, new_masks):
                 conns += int(new.sum() - layer.mask.sum())
                 set_mask(layer, new, self.optimizer, g.adam_warm)
-        maps = self._grow_feature_maps(X, y) if self.spec is not None else []
-        if g.neurons and g.neurons_per_step > 0:
-            for h in range(model.n_hidden):
-                if scan.bridges[h] is None:  # conv layers grow feature maps instead
-                    continue
-                w_in, w_out = grow_neurons(scan.bridges[h], g.neurons_per_step, g.beta, g.alpha,
-                                           model.effective_weight(h), model.effective_weight(h + 1),
-                                           self.generator, g.sign)
-                # neurons born in layer h-1 during this step are not among the scanned inputs
-                w_in = torch.nn.functional.pad(w_in, (0, model.layers[h].in_features - w_in.shape[1]))
-                append_units(model, h, w_in, w_out, self.optimizer, warm=g.adam_warm)
-                neurons.append(w_in.shape[0])
-        out = {"grown_connections": conns, "grown_neurons": neurons}
-        if maps:
-            out.update(grown_maps=[m["count"] for m in maps], map_best_reduction=[m["best"] for m in maps],
-                       map_random_reduction=[m["random"] for m in maps])
-        return out
-
-    def _grow_feature_maps(self, X: torch.Tensor, y: torch.Tensor) -> list[dict]:
-        """Policy 3 in every conv layer, first to last, each on the model grown so far.
-
-        A new map's kernels are the best of ``growth.map_candidates`` random sets, judged
-        by the loss on up to MAP_SAMPLES of the scoring examples.  The loss reductions of
-        the chosen sets and the mean reductions of all candidates (a random choice) are
-        logged, for the paper's "about twice the reduction of a random set".
-        """
-        from .growth.feature_maps import grow_feature_maps
-
-        g, model = self.cfg.growth, self.model
-        if not g.neurons or g.feature_maps_per_step <= 0:
-            return []
-        Xm, ym = X[:MAP_SAMPLES], y[:MAP_SAMPLES]
-        grown = []
-        for h in range(model.n_conv):
-            layer = model.layers[h]
-            density = g.map_density or max(float(layer.mask.mean()), 1.0 / layer.mask[0].numel())
-            w_in, w_out, stats = grow_feature_maps(model, h, g.feature_maps_per_step, Xm, ym,
-                                                   g.map_candidates, density, self.generator, g.map_scale,
-                                                   g.map_out)
-            append_units(model, h, w_in, w_out, self.optimizer, warm=g.adam_warm)
-            grown.append({"count": w_in.shape[0], "best": sum(st["best_reduction"] for st in stats),
-                          "random": sum(st["mean_random_reduction"] for st in stats)})
-        return grown
+        return {"grown_connections": conns, **self.units.grow(scan, X, y)}
 
     def _prune(self) -> tuple[int, list[int], int]:
         """One pruning step: the smallest effective weights (per layer or over the whole
@@ -404,20 +375,9 @@ class Synthesis:
         self._prune_connections(self._removal_counts())
         rewired = self._rewire() if p.rewire > 0 else 0
         removed = before - self._live()
-        if self.spec is not None:
-            units = self._prune_cnn_units()
-            self._top_up()
-            return removed, units, rewired
-        neurons = [0] * model.n_hidden
-        if p.neurons:
-            X, _ = self._score_data()
-            out_abs, out_mean = output_statistics(model, X, self.cfg.train.eval_batch_size)
-            for h in range(model.n_hidden):
-                keep = neurons_to_keep(out_abs[h], model.layers[h].mask, model.layers[h + 1].mask,
-                                       p.neuron_threshold)
-                neurons[h] = remove_neurons(model, h, keep, out_mean[h], self.optimizer)
+        units = self.units.prune()
         self._top_up()
-        return removed, neurons, rewired
+        return removed, units, rewired
 
     def _live(self) -> int:
         """Connections switched on by the masks (a just-grown one is live at weight 0)."""
@@ -534,32 +494,22 @@ class Synthesis:
         return [torch.full_like(layer.mask, i in self.state.frozen, dtype=torch.bool)
                 for i, layer in enumerate(self.model.layers)]
 
-    def _prune_cnn_units(self) -> list[int]:
-        """CNN part of a pruning step: partial-area convolution (Algorithm 2) in every conv
-        layer still being pruned, then weak or disconnected feature maps and neurons."""
-        from .pruning import area_scores, feature_map_statistics, maps_to_keep, prune_area, remove_feature_maps
+    def _prune_area(self, X: torch.Tensor) -> None:
+        """Partial-area convolution (Algorithm 2) in every conv layer still being pruned;
+        ``area_removed`` counts the output positions switched off."""
+        from .pruning import area_scores, prune_area
 
         p, model = self.cfg.pruning, self.model
-        X, _ = self._score_data()
         self.area_removed = 0
-        if p.area and p.area_rate > 0:
-            for i in range(model.n_conv):
-                if i in self.state.frozen:
-                    continue
-                layer = model.layers[i]
-                new = prune_area(area_scores(model, i, X, self.cfg.train.eval_batch_size), layer.area,
-                                 p.area_rate * self.state.rate_scale)
-                self.area_removed += int(layer.area.sum() - new.sum())
-                layer.area.copy_(new)
-        removed = [0] * model.n_hidden
-        if p.neurons:
-            stats = feature_map_statistics(model, X, self.cfg.train.eval_batch_size)
-            for h in range(model.n_hidden):
-                layer = model.layers[h]
-                keep = maps_to_keep(stats.abs_means[h], layer.mask, model.layers[h + 1].mask, p.neuron_threshold,
-                                    getattr(layer, "area", None))
-                removed[h] = remove_feature_maps(model, h, keep, stats, self.optimizer)
-        return removed
+        if not (p.area and p.area_rate > 0):
+            return
+        for i, layer in enumerate(model.layers):
+            if not isinstance(layer, MaskedConv2d) or i in self.state.frozen:
+                continue
+            new = prune_area(area_scores(model, i, X, self.cfg.train.eval_batch_size), layer.area,
+                             p.area_rate * self.state.rate_scale)
+            self.area_removed += int(layer.area.sum() - new.sum())
+            layer.area.copy_(new)
 
     # ---- training helpers ----------------------------------------------------
     def _augment(self, generator: torch.Generator):
@@ -612,7 +562,7 @@ class Synthesis:
                 "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
 
     def _load_model_state(self, snap: dict) -> None:
-        self.model = model_from_arch(snap["arch"]).to(self.device)
+        self.model = model_of_arch(snap["arch"]).to(self.device)
         self.model.load_state_dict(snap["model"])
         self.optimizer = make_optimizer(self.model, self.cfg.train, self.state.lr_scale)
 
@@ -683,9 +633,233 @@ class Synthesis:
         return report
 
 
-def _reference_shape(reference: ModelSpec | CNNSpec | SparseMLP):
+def is_graph_reference(reference) -> bool:
+    """A SparseGraph, or a spec that builds one (not an MLP or CNN spec, not a SparseMLP)."""
+    if isinstance(reference, SparseGraph):
+        return True
+    return not isinstance(reference, (ModelSpec, CNNSpec, SparseMLP)) and callable(getattr(reference, "build", None))
+
+
+def model_of_arch(arch: dict):
+    """The network a plain-data ``arch()`` describes: a SparseGraph, SparseCNN or SparseMLP."""
+    return SparseGraph.from_arch(arch) if arch.get("kind") == GRAPH_KIND else model_from_arch(arch)
+
+
+def _has_conv(model) -> bool:
+    return any(isinstance(layer, MaskedConv2d) for layer in model.layers)
+
+
+def _reference_shape(reference):
+    if is_graph_reference(reference):
+        return list(reference.widths), None, None, getattr(reference, "name", "custom")
     if isinstance(reference, CNNSpec):
         return list(reference.widths), reference.activation, reference.batch_norm, reference.name
     if isinstance(reference, ModelSpec):
         return list(reference.widths), reference.activation, reference.batch_norm, reference.name
     return reference.widths, list(reference.activation_specs), reference.batch_norm, "custom"
+
+
+class ChainUnits:
+    """Unit backend of a chain (SparseMLP, SparseCNN): hidden layer h, read by layer h + 1.
+
+    Args:
+        run: the synthesis (its config, model, optimizer, generator and data are read).
+        reference: a ModelSpec / SparseMLP (MLP) or a CNNSpec.
+    """
+
+    def __init__(self, run: Synthesis, reference):
+        self.run, self.spec = run, reference if isinstance(reference, CNNSpec) else None
+
+    @property
+    def has_area(self) -> bool:
+        """Pruning steps log the output positions partial-area convolution removed."""
+        return self.spec is not None
+
+    @property
+    def scan_bridges(self) -> bool:
+        """Neuron growth reads the bridging gradients of the growth step's scan."""
+        return True
+
+    def seed(self):
+        run, cfg = self.run, self.run.cfg
+        if self.spec is not None:
+            from .seeds.cnn import make_cnn_seed
+            return make_cnn_seed(self.spec, cfg.seed_net.ratio, cfg.seed_net.density, run.generator)
+        return make_seed(run.ref_widths, cfg.seed_net.ratio, cfg.seed_net.density, run.generator,
+                         run.ref_acts, run.ref_bn, cfg.seed_net.topology)
+
+    def dense(self, generator: torch.Generator):
+        run = self.run
+        if self.spec is not None:
+            return self.spec.build(generator)
+        return SparseMLP(run.ref_widths, run.ref_acts, run.ref_bn, generator=generator)
+
+    def grow(self, scan, X: torch.Tensor, y: torch.Tensor) -> dict:
+        """Feature maps in every conv layer (Policy 3), then neurons in every hidden linear
+        layer (Policy 2) from the scan's bridging gradients."""
+        run, g = self.run, self.run.cfg.growth
+        model = run.model
+        maps = self._grow_feature_maps(X, y) if self.spec is not None else []
+        neurons = []
+        if g.neurons and g.neurons_per_step > 0:
+            for h in range(model.n_hidden):
+                if scan.bridges[h] is None:  # conv layers grow feature maps instead
+                    continue
+                w_in, w_out = grow_neurons(scan.bridges[h], g.neurons_per_step, g.beta, g.alpha,
+                                           model.effective_weight(h), model.effective_weight(h + 1),
+                                           run.generator, g.sign)
+                # neurons born in layer h-1 during this step are not among the scanned inputs
+                w_in = torch.nn.functional.pad(w_in, (0, model.layers[h].in_features - w_in.shape[1]))
+                append_units(model, h, w_in, w_out, run.optimizer, warm=g.adam_warm)
+                neurons.append(w_in.shape[0])
+        out = {"grown_neurons": neurons}
+        if maps:
+            out.update(grown_maps=[m["count"] for m in maps], map_best_reduction=[m["best"] for m in maps],
+                       map_random_reduction=[m["random"] for m in maps])
+        return out
+
+    def _grow_feature_maps(self, X: torch.Tensor, y: torch.Tensor) -> list[dict]:
+        """Policy 3 in every conv layer, first to last, each on the model grown so far.
+
+        A new map's kernels are the best of ``growth.map_candidates`` random sets, judged
+        by the loss on up to MAP_SAMPLES of the scoring examples.  The loss reductions of
+        the chosen sets and the mean reductions of all candidates (a random choice) are
+        logged, for the paper's "about twice the reduction of a random set".
+        """
+        from .growth.feature_maps import grow_feature_maps
+
+        run, g = self.run, self.run.cfg.growth
+        model = run.model
+        if not g.neurons or g.feature_maps_per_step <= 0:
+            return []
+        Xm, ym = X[:MAP_SAMPLES], y[:MAP_SAMPLES]
+        grown = []
+        for h in range(model.n_conv):
+            layer = model.layers[h]
+            density = g.map_density or max(float(layer.mask.mean()), 1.0 / layer.mask[0].numel())
+            w_in, w_out, stats = grow_feature_maps(model, h, g.feature_maps_per_step, Xm, ym,
+                                                   g.map_candidates, density, run.generator, g.map_scale,
+                                                   g.map_out)
+            append_units(model, h, w_in, w_out, run.optimizer, warm=g.adam_warm)
+            grown.append(_map_stats(w_in.shape[0], stats))
+        return grown
+
+    def prune(self) -> list[int]:
+        """Units removed per hidden layer: for a CNN partial-area convolution first, then
+        weak or disconnected feature maps and neurons; for an MLP weak or disconnected
+        neurons."""
+        run, p = self.run, self.run.cfg.pruning
+        model = run.model
+        if self.spec is not None:
+            return self._prune_cnn_units()
+        neurons = [0] * model.n_hidden
+        if p.neurons:
+            X, _ = run._score_data()
+            out_abs, out_mean = output_statistics(model, X, run.cfg.train.eval_batch_size)
+            for h in range(model.n_hidden):
+                keep = neurons_to_keep(out_abs[h], model.layers[h].mask, model.layers[h + 1].mask,
+                                       p.neuron_threshold)
+                neurons[h] = remove_neurons(model, h, keep, out_mean[h], run.optimizer)
+        return neurons
+
+    def _prune_cnn_units(self) -> list[int]:
+        from .pruning import feature_map_statistics, maps_to_keep, remove_feature_maps
+
+        run, p = self.run, self.run.cfg.pruning
+        model = run.model
+        X, _ = run._score_data()
+        run._prune_area(X)
+        removed = [0] * model.n_hidden
+        if p.neurons:
+            stats = feature_map_statistics(model, X, run.cfg.train.eval_batch_size)
+            for h in range(model.n_hidden):
+                layer = model.layers[h]
+                keep = maps_to_keep(stats.abs_means[h], layer.mask, model.layers[h + 1].mask, p.neuron_threshold,
+                                    getattr(layer, "area", None))
+                removed[h] = remove_feature_maps(model, h, keep, stats, run.optimizer)
+        return removed
+
+
+def _map_stats(count: int, stats: list[dict]) -> dict:
+    """A growth row's record of the maps grown in one layer or group (Policy 3)."""
+    return {"count": count, "best": sum(st["best_reduction"] for st in stats),
+            "random": sum(st["mean_random_reduction"] for st in stats)}
+
+
+class GraphUnits:
+    """Unit backend of a :class:`~nestsynth.graph.SparseGraph`: the units of every resizable
+    coupled group (a residual stream's channels are one group).
+
+    * seed: :func:`nestsynth.seeds.graph.make_graph_seed` of the reference drawn anew;
+    * growth: per resizable group, in graph order, Policy 3 (``feature_maps_per_step``
+      best-of-candidates units, :func:`nestsynth.growth.groups.grow_group_maps`) when its
+      members are convolutions, Policy 2 (``neurons_per_step`` bridging neurons,
+      :func:`nestsynth.growth.groups.grow_group_neurons`) when they and their consumers are
+      Linear layers; a group mixing both grows no units;
+    * pruning: partial-area convolution in every conv layer (the area masks are the
+      layers' own, sized for the graph's input), then dead, unread or weak units of every
+      resizable group (:func:`nestsynth.pruning.groups.prune_group_units`).
+
+    Log rows list units per resizable group (``grown_neurons``, ``pruned_neurons``: neurons
+    or feature maps), and for the conv groups the Policy 3 statistics (``grown_maps``...).
+
+    Args:
+        run: the synthesis.
+        reference: a SparseGraph, or a spec whose ``build(generator)`` returns one.
+    """
+
+    has_area = property(lambda self: _has_conv(self.run.model))
+    scan_bridges = False  # each group's bridging gradient is taken right before it grows
+
+    def __init__(self, run: Synthesis, reference):
+        self.run, self.reference = run, reference
+
+    def dense(self, generator: torch.Generator) -> SparseGraph:
+        ref = self.reference
+        if isinstance(ref, SparseGraph):
+            return SparseGraph.from_module(ref, ref.input_shape, generator)
+        return ref.build(generator)
+
+    def seed(self) -> SparseGraph:
+        from .seeds.graph import make_graph_seed
+
+        run, s = self.run, self.run.cfg.seed_net
+        return make_graph_seed(self.dense(run.generator), s.ratio, s.density, run.generator)
+
+    def _groups(self) -> list:
+        return [group for group in self.run.model.groups() if group.resizable]
+
+    def grow(self, scan, X: torch.Tensor, y: torch.Tensor) -> dict:
+        from .graph.units import current
+        from .growth.groups import grow_group_maps, grow_group_neurons, is_conv_group, is_linear_group
+
+        run, g = self.run, self.run.cfg.growth
+        model, bs = run.model, run.cfg.train.eval_batch_size
+        grown, maps = [], []
+        for group in self._groups():
+            group, n = current(model, group), 0
+            if g.neurons and is_conv_group(model, group) and g.feature_maps_per_step > 0:
+                stats = grow_group_maps(model, group, g.feature_maps_per_step, X[:MAP_SAMPLES], y[:MAP_SAMPLES],
+                                        g.map_candidates, g.map_density or None, run.generator, g.map_scale,
+                                        g.map_out, run.optimizer, g.adam_warm)
+                n = len(stats)
+                maps.append(_map_stats(n, stats))
+            elif g.neurons and is_linear_group(model, group) and g.neurons_per_step > 0:
+                n = grow_group_neurons(model, group, g.neurons_per_step, X, y, g.beta, g.alpha, run.generator,
+                                       g.sign, run.optimizer, g.adam_warm, bs)
+            grown.append(n)
+        out = {"grown_neurons": grown}
+        if maps:
+            out.update(grown_maps=[m["count"] for m in maps], map_best_reduction=[m["best"] for m in maps],
+                       map_random_reduction=[m["random"] for m in maps])
+        return out
+
+    def prune(self) -> list[int]:
+        from .pruning.groups import prune_group_units
+
+        run, p = self.run, self.run.cfg.pruning
+        X, _ = run._score_data()
+        run._prune_area(X)
+        if not p.neurons:
+            return [0] * len(self._groups())
+        return prune_group_units(run.model, X, p.neuron_threshold, run.cfg.train.eval_batch_size, run.optimizer)

@@ -85,7 +85,8 @@ def weight_gradient(layer, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor
         ``conv2d_weight(x, W.shape, delta * A, stride, padding)``.
     """
     if _is_conv(layer):
-        return conv2d_weight(x, layer.weight.shape, _pre_area_delta(layer, delta), layer.stride, layer.padding)
+        return conv2d_weight(x, layer.weight.shape, _pre_area_delta(layer, delta), layer.stride, layer.padding,
+                             getattr(layer, "dilation", 1))
     return delta.T @ x
 
 

@@ -89,16 +89,20 @@ def _out_shape(model, h: int) -> tuple[int, ...]:
 
 def _bounds(model, h: int, scale) -> tuple[float, float]:
     """Uniform bounds (a_in, a_out) of the new map's incoming and outgoing weights."""
-    src, nxt = model.layers[h], model.layers[h + 1]
-    default_in = 1.0 / math.sqrt(src.in_features * src.kernel_size ** 2)
-    default_out = 1.0 / math.sqrt(nxt.weight[0].numel())  # current fan-in of layer h+1
+    return layer_bound(model.layers[h], scale), layer_bound(model.layers[h + 1], scale)
+
+
+def layer_bound(layer, scale) -> float:
+    """Uniform bound of new weights of ``layer`` (see the module docstring's "Scale"):
+    a number as it is; "default": 1/sqrt(the layer's current fan-in); "layer": twice the
+    mean |w| of its active weights (the default bound when it has none)."""
+    default = 1.0 / math.sqrt(layer.weight[0].numel())  # in * k * k for a conv layer
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        return float(scale), float(scale)
+        return float(scale)
     if scale == "default":
-        return default_in, default_out
+        return default
     if scale == "layer":
-        a_in, a_out = 2 * _mean_abs_active(src), 2 * _mean_abs_active(nxt)
-        return a_in or default_in, a_out or default_out
+        return 2 * _mean_abs_active(layer) or default
     raise NestError(f"unknown scale {scale!r}; use 'layer', 'default' or a number.")
 
 
@@ -199,6 +203,13 @@ def gradient_outgoing(model, h: int, post: torch.Tensor, delta: torch.Tensor, co
         g = torch.nn.grad.conv2d_weight(post, _out_shape(model, h), delta, nxt.stride, nxt.padding)
     else:
         g = delta.T @ post
+    return descent_weights(g, count, bound)
+
+
+def descent_weights(g: torch.Tensor, count: int, bound: float) -> torch.Tensor:
+    """Outgoing weights along the negative gradient ``g`` (dL/dw_out at w_out = 0): -g on the
+    ``count`` positions of largest |g|, scaled so their mean magnitude is ``bound / 2`` (the
+    mean of a U(-bound, bound) draw); 0 elsewhere.  Shaped like ``g``."""
     flat = g.flatten()
     keep = torch.topk(flat.abs(), min(count, flat.numel())).indices
     w = torch.zeros_like(flat)

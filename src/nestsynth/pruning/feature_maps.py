@@ -136,8 +136,30 @@ def _bias_shift(model, h: int, removed: torch.Tensor, stats: FeatureMapStats) ->
     mean_map = mean_map[removed]  # (R, H', W')
     if not isinstance(nxt, MaskedConv2d):  # the linear layer after the flatten: columns c * flat + p
         return w.view(w.shape[0], len(removed), -1)[:, removed].flatten(1) @ mean_map.flatten()
-    contrib = F.conv2d(mean_map.unsqueeze(0), w[:, removed], None, nxt.stride, nxt.padding)[0]  # (out, P, Q)
-    area = nxt.area  # (out, P, Q)
+    return mean_input_shift(nxt, removed, mean_map)
+
+
+def mean_input_shift(layer, cols: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(out,) bias change of ``layer`` that stands for its inputs ``cols`` held at their means.
+
+    Args:
+        layer: the reading layer (MaskedLinear or MaskedConv2d).
+        cols: its input indices (columns of a Linear, input channels of a convolution;
+            int64 or a bool mask).
+        mean: the inputs' means over the data: (len(cols),) for a Linear, (len(cols), H, W)
+            per-position maps for a convolution.
+
+    A Linear gets ``W[:, cols] @ mean`` (exact for constant inputs); a convolution the mean
+    maps convolved with the masked kernels (its stride, padding and dilation), averaged over
+    the output positions each kernel computes (its area mask; all when none is left), which
+    is exact when that contribution does not vary with position (see the module docstring).
+    """
+    w = (layer.weight * layer.mask).detach()
+    if not isinstance(layer, MaskedConv2d):
+        return w[:, cols] @ mean.to(w)
+    contrib = F.conv2d(mean.to(w).unsqueeze(0), w[:, cols], None, layer.stride, layer.padding,
+                       getattr(layer, "dilation", 1))[0]  # (out, P, Q)
+    area = layer.area  # (out, P, Q)
     live = area.flatten(1).sum(1)  # (out,)
     on_area = (contrib * area).flatten(1).sum(1) / live.clamp(min=1)
     return torch.where(live > 0, on_area, contrib.flatten(1).mean(1))
