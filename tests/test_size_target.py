@@ -185,3 +185,22 @@ def test_rewire_step_drops_smallest_and_regrows_other_dormant_connections(digits
     kept_scores = torch.cat([syn.model.effective_weight(i).abs()[b & a] for i, (b, a) in enumerate(zip(before, after))])
     assert float(scores.sort().values[n - 1]) <= float(kept_scores.min())  # the n smallest went
     assert all(float(layer.weight.detach()[g].abs().sum()) == 0.0 for layer, g in zip(syn.model.layers, grown))
+
+
+def test_final_regrow_prunes_below_the_target_and_grows_back(digits):
+    cfg = small_cfg(pruning={"neurons": False, "target_weights": 600, "final_regrow": 0.25, "final_epochs": 1,
+                             "scope": "global", "schedule_steps": 4, "schedule_share": 0.5, "max_iterations": 10})
+    syn, model, report = _run(cfg, digits)
+    rows = [r for r in syn.state.history if r["phase"] == "pruning"]
+    assert [r["weights"] for r in rows[1:]] == [450] * 3  # 600 - 150 held back
+    fine = [r for r in syn.state.history if r["phase"] == "finetune"]
+    assert len(fine) == 1 and fine[0]["regrown"] == 150 and fine[0]["accepted"]
+    assert sum(layer.active_connections() for layer in model.layers) == 600
+
+
+def test_final_regrow_needs_a_target_and_fine_tuning():
+    from nestsynth import config as C
+    from nestsynth.errors import NestError
+
+    with pytest.raises(NestError, match="final_regrow needs pruning.target_weights and pruning.final_epochs"):
+        C.load(None, ["pruning.final_regrow=0.2", "pruning.target_weights=100"])

@@ -140,6 +140,7 @@ class PruningConfig:
     lr_schedule: str = "cycle"  # cycle: each retraining is one cosine cycle; phase: one cosine over the pruning phase
     guard: str = "warn"  # with target_weights: above the validation bound, warn (go on) or stop (keep the last good model)
     rewire: float = 0.0  # share of live connections dropped (smallest |W*|) and regrown (largest |dL/dw|) per iteration
+    final_regrow: float = 0.0  # with target_weights: prune to (1 - r) of it, grow r back (Policy 1) before final_epochs
 
 
 @dataclass
@@ -438,6 +439,10 @@ def validate(cfg: Config) -> None:
     _check(p.lr_schedule in ("cycle", "phase"), "pruning.lr_schedule", p.lr_schedule, "cycle or phase")
     _check(p.guard in ("warn", "stop"), "pruning.guard", p.guard, "warn or stop")
     _check(0 <= p.rewire < 1, "pruning.rewire", p.rewire, "in [0, 1)")
+    _check(0 <= p.final_regrow < 1, "pruning.final_regrow", p.final_regrow, "in [0, 1)")
+    if p.final_regrow > 0 and not (p.target_weights > 0 and p.final_epochs > 0):
+        raise NestError("pruning.final_regrow needs pruning.target_weights and pruning.final_epochs "
+                        "(the regrown connections are trained in the fine-tuning).")
     _check(g.max_epochs >= 0, "growth.max_epochs", g.max_epochs, ">= 0 (0: no cap)")
     _check(g.feature_maps_per_step >= 0, "growth.feature_maps_per_step", g.feature_maps_per_step, ">= 0")
     _check(g.map_candidates >= 1, "growth.map_candidates", g.map_candidates, ">= 1")

@@ -241,10 +241,16 @@ class Synthesis:
         """Live connections wanted after pruning step t; None under the constant rate."""
         p, st = self.cfg.pruning, self.state
         if p.target_weights > 0:  # rises if growth stopped below the target
-            return cubic_count(t, st.prune_start, p.target_weights, self._falling_steps())
+            return cubic_count(t, st.prune_start, self._pruned_size(), self._falling_steps())
         if p.schedule == "cubic":  # final_sparsity of the connections live when pruning starts
             return cubic_count(t, st.prune_start, round(st.prune_start * (1 - p.final_sparsity)), p.schedule_steps)
         return None
+
+    def _pruned_size(self) -> int:
+        """Where a size target's pruning schedule ends: the target, or with
+        ``pruning.final_regrow = r`` (1 - r) of it (the rest is grown back before fine-tuning)."""
+        p = self.cfg.pruning
+        return p.target_weights - round(p.final_regrow * p.target_weights)
 
     def _falling_steps(self) -> int:
         """Iterations over which a size target's schedule falls (``schedule_share`` of the planned)."""
@@ -321,11 +327,13 @@ class Synthesis:
         st, p = self.state, self.cfg.pruning
         if p.final_epochs > 0:
             t0 = time.monotonic()
+            regrown = self._top_up(p.target_weights) if p.final_regrow > 0 else 0
             loss = self._train(self.model, self.optimizer, p.final_epochs, self.generator, "fine-tuning",
                                p.final_lr_scale)
             val = self._val()
-            keep = val <= st.accepted_val
-            self._log("finetune", 0, val=val, loss=loss, seconds=time.monotonic() - t0, accepted=keep)
+            keep = val <= st.accepted_val or regrown > 0  # a regrown run ends at its size
+            self._log("finetune", 0, val=val, loss=loss, seconds=time.monotonic() - t0, accepted=keep,
+                      **({"regrown": regrown} if regrown else {}))
             if keep:
                 st.accepted_val = val
             else:
@@ -383,13 +391,15 @@ class Synthesis:
         """Connections switched on by the masks (a just-grown one is live at weight 0)."""
         return sum(layer.active_connections() for layer in self.model.layers)
 
-    def _top_up(self) -> int:
-        """Under a size target, grow to the schedule's goal when the network is below it
-        (neuron removal took more, or growth stopped below the target): wake that many
-        dormant connections with the largest |dL/dw| (Policy 1), at weight zero, so a
-        sized run ends at its size.  Returns the connections grown."""
+    def _top_up(self, goal: int | None = None) -> int:
+        """Under a size target, grow to the schedule's goal (or ``goal``) when the network
+        is below it (neuron removal took more, growth stopped below the target, or
+        ``final_regrow`` held some back): wake that many dormant connections with the
+        largest |dL/dw| (Policy 1), at weight zero, so a sized run ends at its size.
+        Returns the connections grown."""
         p, st, model = self.cfg.pruning, self.state, self.model
-        goal = self._size_goal(st.iteration) if p.target_weights > 0 else None
+        if goal is None:
+            goal = self._size_goal(st.iteration) if p.target_weights > 0 else None
         if goal is None:
             return 0
         if p.scope == "erk":  # each layer back to its own share
