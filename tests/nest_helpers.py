@@ -50,3 +50,16 @@ def randomize_masks(model, gen: torch.Generator, density: float, area: float | N
             if area is not None and hasattr(layer, "area"):
                 layer.area.copy_((torch.rand(layer.area.shape, generator=gen, dtype=dtype) < area).to(dtype))
         model.zero_dormant()
+
+
+def interrupt_after(n: int):
+    """An ``on_iteration`` callback that raises KeyboardInterrupt at its n-th call (a run
+    stopped after n checkpoints)."""
+    calls = []
+
+    def interrupt(state) -> None:
+        calls.append(state.phase)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+
+    return interrupt

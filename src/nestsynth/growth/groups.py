@@ -20,6 +20,11 @@ writes its weights.  The generalizations:
   mean |W*| of the members' and of the consumers' weights).  The bridged column pieces
   become the new unit's incoming rows in the members, the row pieces its outgoing columns
   in the consumers (a consumer that reads the group twice gets them in its first read).
+  Only pairs whose path exists are bridged: member j's contribution to the unit reaches
+  consumer c only when j is among the sources of the slice c reads (in a residual stream
+  a consumer that reads the stream before a later member adds to it sees the unit without
+  that member's part; a direct connection from that member's input to it would be a
+  cycle), so the other blocks of G are zero and never chosen.
   For a one-member, one-consumer group this is exactly the chain's G.  G is computed
   right before each group grows (so units grown in an earlier group this step are among
   the inputs; the chain scans once per step and pads).
@@ -93,7 +98,19 @@ def group_bridging_gradient(model, group, X: torch.Tensor, y: torch.Tensor, batc
             deltas = torch.autograd.grad(loss, [outputs[c] for c in consumers])
             with torch.no_grad():
                 G += torch.cat(deltas, 1).T @ torch.cat([inputs[j].detach() for j in members], 1)
-    return G
+    return G * _reachable(model, group, members, consumers).to(G)
+
+
+def _reachable(model, group, members: list[int], consumers: list[int]) -> torch.Tensor:
+    """(rows of G, columns of G) 0/1: member j's part of a unit reaches consumer c (j is a
+    source of a slice c reads)."""
+    names, layers = model.layer_names, model.layers
+    sources = {c: set() for c in consumers}
+    for i, s in group_reads(model, group):
+        sources[i].update(s.sources)
+    rows = [torch.tensor([float(names[j] in sources[c]) for j in members for _ in range(layers[j].in_features)])
+            .expand(layers[c].out_features, -1) for c in consumers]
+    return torch.cat(rows, 0)
 
 
 def _throwaway() -> torch.Generator:
