@@ -1,13 +1,14 @@
 """Every method on graph references (SparseGraph), end to end on the 8x8 digits.
 
 * every registered method (NeST and each baseline) on a user's residual CNN and on a
-  user's residual MLP: it runs and keeps the connections its config asks for, with a
+  user's residual MLP: it runs and keeps the connections its config asks for (NeST: fewer
+  than dense), with a
   report that agrees with the model and a model file that reloads to the same network,
   or it refuses with its one sentence before anything is written;
 * the Python API (:func:`nestsynth.baselines.prune`, :func:`nestsynth.api.resolve_reference`):
   plain chains stay SparseMLP / SparseCNN, a Sequential with batch norm on some layers
   only and any other module become graph references, unsupported operations are
-  refused with capture's sentence, NeST refuses a graph reference;
+  refused with capture's sentence;
 * the command line: ``nestsynth prune --model resnet-mnist``, report, export, models;
 * export of a graph run: dead units physically removed (hand-built cases), the
   artifacts (PyTorch weights-only, safetensors, ONNX) checked against the masked model.
@@ -22,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import nestsynth
 from nestsynth import checkpoint as ckpt
 from nestsynth import config as config_mod
 from nestsynth.api import resolve_reference
-from nestsynth.baselines import NEST, method_names, prune
+from nestsynth.baselines import method_names, prune
 from nestsynth.baselines.runner import run_method
 from nestsynth.errors import NestError
 from nestsynth.export.compact_graph import CompactGraph, compact_graph_from_sparse
@@ -84,8 +84,7 @@ MLP_LAYERS = {"fc_in": 1_536, "fc1": 576, "fc2": 576, "out": 240}
 NETS = {"resnet": (UserResNet, CNN_LAYERS), "resmlp": (UserResMLP, MLP_LAYERS)}
 CHAIN_ONLY = "chain references \\(an MLP or a sequential CNN\\)"
 # method -> the sentence pattern it refuses a net with (nets that are absent: it runs)
-REFUSED = {NEST: {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY},
-           "n2ps": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY},
+REFUSED = {"n2ps": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY},
            "radix": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY},
            "sensitivity": {"resnet": "MLP references"}, "lobs": {"resnet": "MLP references"}}
 
@@ -201,7 +200,7 @@ def test_a_network_that_reads_flat_vectors_gets_the_samples_flattened(digits):
     assert model(digits.test.X[:3]).shape == (3, 10)
 
 
-def test_unsupported_networks_and_nest_are_refused_in_one_sentence(digits):
+def test_unsupported_networks_are_refused_in_one_sentence(digits):
     class Recurrent(nn.Module):
         def __init__(self):
             super().__init__()
@@ -220,8 +219,6 @@ def test_unsupported_networks_and_nest_are_refused_in_one_sentence(digits):
 
     with pytest.raises(NestError, match="^model 'custom' has 3 outputs, but the data has 10 classes[.]$"):
         resolve_reference(TooFew(), digits)
-    with pytest.raises(NestError, match=f"^method nest supports {CHAIN_ONLY} only; [^.]+[.]$"):
-        nestsynth.synthesize(UserResNet(), (digits.train.X, digits.train.y), config={"device": "cpu"})
     with pytest.raises(NestError, match="^model 'resnet20' needs image inputs"):
         get_model("resnet20").for_data((64,), 10)
 

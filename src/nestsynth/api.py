@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .baselines.context import NEST, check_supported
 from . import config as config_mod
 from .config import Config
 from .data import DataBundle, Dataset, load_dataset, split_validation
@@ -148,10 +147,9 @@ def synthesize(model: str | nn.Module = "lenet-300-100", train: DataLike | None 
         model: a registered name (``"lenet-300-100"``), an ``"mlp:784-300-100-10"`` spec,
             or a ``torch.nn.Sequential`` chain of Linear (or conv stages then Linear)
             layers and element-wise activations (its widths and activations are the
-            reference; the seed is derived from it).  NeST grows and prunes chains only:
-            a graph reference (a ResNet, any other ``nn.Module``; see
-            :func:`resolve_reference`) is refused -- run the baselines on it with
-            :func:`nestsynth.baselines.prune`.
+            reference; the seed is derived from it), a registered graph network
+            (``"resnet20"``) or any other ``nn.Module`` (a graph reference, see
+            :func:`resolve_reference`).
         train: training data as ``(X, y)`` tensors or a torch Dataset; None loads
             ``config.data.dataset``.
         val: validation data; None carves ``config.data.val_fraction`` from ``train``.
@@ -211,13 +209,7 @@ def _as_config(config) -> Config:
 
 def run_synthesis(cfg: Config, data: DataBundle, reference, out: Path | None, *, resume: bool = False,
                   progress: bool = False, on_iteration=None) -> tuple[SparseMLP, dict]:
-    """Run a synthesis in ``out`` (new, or continued from its last checkpoint).
-
-    Raises:
-        NestError: a graph reference (NeST grows and prunes chains only, for now), before
-            anything is written.
-    """
-    check_supported(NEST, reference)
+    """Run a synthesis in ``out`` (new, or continued from its last checkpoint)."""
     job = Synthesis(cfg, data, reference, out, progress=progress, on_iteration=on_iteration)
     if out is not None:
         if resume:

@@ -359,8 +359,8 @@ def cmd_methods(args) -> int:
         return "".join(f" [{label}]" for attr, label in (("mlp_only", "MLP only"), ("chain_only", "chain only"))
                        if getattr(run, attr, None))
 
-    rows = [{"name": "nest", "description": "NeST: grow from a sparse seed, then prune (sections growth, pruning)"
-             " [chain only]", "options": []}]
+    rows = [{"name": "nest", "description": "NeST: grow from a sparse seed, then prune (sections growth, pruning)",
+             "options": []}]
     rows += [{"name": m.name, "description": m.description + marks(m.run),
               "options": [f.name for f in dataclasses.fields(m.config)]} for m in list_methods()]
     if args.json:

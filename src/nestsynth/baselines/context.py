@@ -28,9 +28,6 @@ from ..sparse import SparseCNN, SparseMLP
 from ..training import cosine_lr, epoch_steps, evaluate, make_optimizer, train_epoch
 
 NEST = NEST_METHOD
-#: Why NeST refuses a graph reference (its loop grows and prunes chains).
-NEST_CHAIN_ONLY = ("its growth and pruning run on chains for now (a graph network runs with the baselines: "
-                   "nestsynth prune --method METHOD)")
 
 
 def _mark(kind: str, reason: str) -> Callable:
@@ -90,19 +87,20 @@ def unsupported_message(method: str, reason: str) -> str:
 
 
 def refusal(method: str, run: Callable | None, reference) -> str | None:
-    """The sentence refusing ``reference`` for ``method`` (run function ``run``; None for
-    NeST), or None when it runs on it.
+    """The sentence refusing ``reference`` for ``method`` (its run function ``run``), or None
+    when it runs on it.
 
     Args:
         method: the method's name.
-        run: its (marked) run function; ignored for NeST.
+        run: its (marked) run function; None for NeST, which runs on every reference
+            (:mod:`nestsynth.synthesis` grows and prunes chains and graph networks).
         reference: a spec (ModelSpec, CNNSpec, GraphSpec), a user's SparseMLP, or None.
     """
     graph = isinstance(reference, GraphSpec)
-    chain = NEST_CHAIN_ONLY if method == NEST else getattr(run, "chain_only", None)
+    chain = getattr(run, "chain_only", None)
     if graph and chain is not None:
         return f"method {method} supports chain references (an MLP or a sequential CNN) only; {chain}."
-    reason = getattr(run, "mlp_only", None) if method != NEST else None
+    reason = getattr(run, "mlp_only", None)
     if reason is not None and (isinstance(reference, CNNSpec) or (graph and not reference.is_mlp)):
         return unsupported_message(method, reason)
     return None
@@ -114,8 +112,7 @@ def check_supported(method, reference) -> None:
 
     Raises:
         NestError: a CNN reference (or a graph network with convolutions) for a method
-            marked :func:`mlp_only`, a graph reference for one marked :func:`chain_only`
-            or for NeST.
+            marked :func:`mlp_only`, a graph reference for one marked :func:`chain_only`.
     """
     name = method if isinstance(method, str) else method.name
     message = refusal(name, None if isinstance(method, str) else method.run, reference)
