@@ -379,3 +379,40 @@ def test_cli_synthesize_resnet_mnist_on_digits(digits, tmp_path):
     model = load_model(tmp_path / "cli" / "model.pt")
     assert isinstance(model, SparseGraph) and report["weights"]["final"] == model.active_weights()
     assert report["model"] == "resnet-mnist"
+
+
+# ------------------------------------------------------------- a chain is the simplest graph
+
+def test_neuron_growth_on_a_captured_chain_equals_the_chain_growth(digits):
+    """A hidden layer of a captured MLP is a one-member, one-consumer group: its bridging
+    gradient is the chain's, and Policy 2 grows the same neurons (same network after)."""
+    from nestsynth.growth import gradient_scan, grow_neurons
+    from nestsynth.sparse import append_units
+
+    from nest_helpers import sparse_model
+
+    chain = sparse_model((64, 8, 6, 10), density=0.5, seed=8).eval()
+    seq = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 10))
+    with torch.no_grad():
+        for lin, layer in zip([seq[0], seq[2], seq[4]], chain.layers):
+            lin.weight.copy_(layer.weight * layer.mask)
+            lin.bias.copy_(layer.bias)
+    graph = SparseGraph.from_module(seq, (64,)).eval()
+    with torch.no_grad():
+        for g_layer, layer in zip(graph.layers, chain.layers):
+            g_layer.mask.copy_(layer.mask)
+    X, y = _data(digits)
+    X = X.flatten(1)
+    assert torch.allclose(graph(X), chain(X), atol=1e-6)
+    scan = gradient_scan(chain, X, y, 40)
+    for h in range(2):
+        G = group_bridging_gradient(graph, graph.group_of(h), X, y, 40)
+        assert torch.allclose(G, scan.bridges[h], atol=1e-7, rtol=1e-5)
+    w_in, w_out = grow_neurons(scan.bridges[1], 2, 0.05, 0.5, chain.effective_weight(1), chain.effective_weight(2),
+                               torch.Generator().manual_seed(5))
+    append_units(chain, 1, w_in, w_out)
+    assert grow_group_neurons(graph, graph.group_of(1), 2, X, y, 0.05, 0.5, torch.Generator().manual_seed(5)) == 2
+    assert graph.widths == chain.widths == [64, 8, 8, 10]
+    for g_layer, layer in zip(graph.layers, chain.layers):
+        assert torch.equal(g_layer.mask, layer.mask)
+    assert torch.allclose(graph(X), chain(X), atol=1e-5)
