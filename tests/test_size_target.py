@@ -196,11 +196,3 @@ def test_final_regrow_prunes_below_the_target_and_grows_back(digits):
     fine = [r for r in syn.state.history if r["phase"] == "finetune"]
     assert len(fine) == 1 and fine[0]["regrown"] == 150 and fine[0]["accepted"]
     assert sum(layer.active_connections() for layer in model.layers) == 600
-
-
-def test_final_regrow_needs_a_target_and_fine_tuning():
-    from nestsynth import config as C
-    from nestsynth.errors import NestError
-
-    with pytest.raises(NestError, match="final_regrow needs pruning.target_weights and pruning.final_epochs"):
-        C.load(None, ["pruning.final_regrow=0.2", "pruning.target_weights=100"])

@@ -440,9 +440,6 @@ def validate(cfg: Config) -> None:
     _check(p.guard in ("warn", "stop"), "pruning.guard", p.guard, "warn or stop")
     _check(0 <= p.rewire < 1, "pruning.rewire", p.rewire, "in [0, 1)")
     _check(0 <= p.final_regrow < 1, "pruning.final_regrow", p.final_regrow, "in [0, 1)")
-    if p.final_regrow > 0 and not (p.target_weights > 0 and p.final_epochs > 0):
-        raise NestError("pruning.final_regrow needs pruning.target_weights and pruning.final_epochs "
-                        "(the regrown connections are trained in the fine-tuning).")
     _check(g.max_epochs >= 0, "growth.max_epochs", g.max_epochs, ">= 0 (0: no cap)")
     _check(g.feature_maps_per_step >= 0, "growth.feature_maps_per_step", g.feature_maps_per_step, ">= 0")
     _check(g.map_candidates >= 1, "growth.map_candidates", g.map_candidates, ">= 1")

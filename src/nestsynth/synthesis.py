@@ -325,9 +325,9 @@ class Synthesis:
 
     def _finetune_step(self) -> None:
         st, p = self.state, self.cfg.pruning
+        regrown = self._top_up(p.target_weights) if p.final_regrow > 0 and p.target_weights > 0 else 0
         if p.final_epochs > 0:
             t0 = time.monotonic()
-            regrown = self._top_up(p.target_weights) if p.final_regrow > 0 else 0
             loss = self._train(self.model, self.optimizer, p.final_epochs, self.generator, "fine-tuning",
                                p.final_lr_scale)
             val = self._val()
