@@ -48,10 +48,11 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--variants", help="comma-separated subset of the variant numbers (0-based)")
     ap.add_argument("--name", default="ablation_lenet300", help="bench/runs/NAME and bench/results/NAME")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of the base config")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     base = config_mod.load(ROOT / "configs" / "lenet-300-100-mnist-sized.toml",
-                           [f"pruning.target_weights={args.size}", f"data.data_dir=\"{args.data_dir}\""])
+                           [f"pruning.target_weights={args.size}", f"data.data_dir=\"{args.data_dir}\"", *args.set])
     chosen = dict(VARIANTS) if not args.variants else \
         {k: v for i, (k, v) in enumerate(VARIANTS.items()) if str(i) in args.variants.split(",")}
     out = ROOT / "bench" / "runs" / args.name
