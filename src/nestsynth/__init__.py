@@ -10,11 +10,12 @@ __version__ = "0.1.0"
 
 from . import baselines  # noqa: F401  (registers every method and its [methods.NAME] config section)
 from .api import synthesize
+from .baselines import prune
 from .config import Config
 from .errors import NestError
 from .registry import get_model, list_models
 from .report import load_model, save_model
 from .sparse import SparseMLP
 
-__all__ = ["synthesize", "Config", "NestError", "get_model", "list_models", "load_model",
+__all__ = ["synthesize", "prune", "Config", "NestError", "get_model", "list_models", "load_model",
            "save_model", "SparseMLP", "__version__"]
