@@ -1,12 +1,13 @@
 """Benchmark: NeST vs gradual pruning on ResNet-8 / MNIST (a residual graph reference) at two sizes.
 
     python bench/resnet_mnist.py --data-dir ../shared/data/mnist [--sizes 4000,8000] [--epochs 30]
-    python bench/resnet_mnist.py --smoke            # digits, 2 sizes, 4 epochs, one seed: minutes
+    python bench/resnet_mnist.py --smoke            # digits, 2 sizes, 4 epochs, one seed: a minute
+    python bench/resnet_mnist.py --dataset digits --sizes 1500,3000 --epochs 30 --seeds 3
 
 Runs ``nestsynth compare --model resnet-mnist --methods nest,gradual --sizes ... --epochs ...``
 (every run at its size within the same epoch budget, NeST's growth included; finished runs
 are reused, so an interrupted benchmark continues), then copies curves.md, curves.csv and
-curves.png to bench/results/resnet_mnist/ with the machine and the command line prepended.
+curves.png to bench/results/resnet_DATASET/ with the machine and the command line prepended.
 ResNet-8 has 19,464 dense weights (8/16/32 channels, projection shortcuts into stages 2
 and 3).  NeST's and gradual's settings are configs/resnet-mnist-sized.toml.
 """
@@ -31,10 +32,12 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="digits, sizes 1500,3000, 4 epochs, one seed")
+    ap.add_argument("--dataset", default="mnist", choices=["mnist", "digits"],
+                    help="digits: sklearn's 8x8 digits (minutes on CPU) instead of MNIST")
     ap.add_argument("--out", default=None)
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
-    dataset, name = ("digits", "resnet_digits_smoke") if args.smoke else ("mnist", "resnet_mnist")
+    dataset, name = ("digits", "resnet_digits_smoke") if args.smoke else (args.dataset, f"resnet_{args.dataset}")
     sizes, epochs, seeds = ("1500,3000", 4, 1) if args.smoke else (args.sizes, args.epochs, args.seeds)
     out = Path(args.out or ROOT / "bench" / "runs" / name)
     results = Path(args.results or ROOT / "bench" / "results" / name)
@@ -47,7 +50,7 @@ def main() -> int:
            "--methods", "nest,gradual", "--sizes", sizes, "--epochs", str(epochs), "--seeds", str(seeds),
            "--jobs", str(args.jobs), "--threads", "1", "--device", "cpu", "--out", str(out), *sets,
            "--title", f"ResNet-8 on {dataset}: NeST vs gradual, {epochs} epochs per run, {seeds} seed(s)"]
-    if not args.smoke:
+    if dataset == "mnist":
         cmd[cmd.index("--dataset") + 2:cmd.index("--dataset") + 2] = ["--data-dir", args.data_dir]
     t0 = time.monotonic()
     rc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
