@@ -662,9 +662,7 @@ def _has_conv(model) -> bool:
 def _reference_shape(reference):
     if is_graph_reference(reference):
         return list(reference.widths), None, None, getattr(reference, "name", "custom")
-    if isinstance(reference, CNNSpec):
-        return list(reference.widths), reference.activation, reference.batch_norm, reference.name
-    if isinstance(reference, ModelSpec):
+    if isinstance(reference, (CNNSpec, ModelSpec)):
         return list(reference.widths), reference.activation, reference.batch_norm, reference.name
     return reference.widths, list(reference.activation_specs), reference.batch_norm, "custom"
 
@@ -722,11 +720,7 @@ class ChainUnits:
                 w_in = torch.nn.functional.pad(w_in, (0, model.layers[h].in_features - w_in.shape[1]))
                 append_units(model, h, w_in, w_out, run.optimizer, warm=g.adam_warm)
                 neurons.append(w_in.shape[0])
-        out = {"grown_neurons": neurons}
-        if maps:
-            out.update(grown_maps=[m["count"] for m in maps], map_best_reduction=[m["best"] for m in maps],
-                       map_random_reduction=[m["random"] for m in maps])
-        return out
+        return _units_row(neurons, maps)
 
     def _grow_feature_maps(self, X: torch.Tensor, y: torch.Tensor) -> list[dict]:
         """Policy 3 in every conv layer, first to last, each on the model grown so far.
@@ -788,6 +782,16 @@ class ChainUnits:
                                     getattr(layer, "area", None))
                 removed[h] = remove_feature_maps(model, h, keep, stats, run.optimizer)
         return removed
+
+
+def _units_row(grown: list[int], maps: list[dict]) -> dict:
+    """The unit part of a growth row: units grown per layer or group, and with feature maps
+    (:func:`_map_stats` records) the counts and loss reductions of Policy 3."""
+    row = {"grown_neurons": grown}
+    if maps:
+        row.update(grown_maps=[m["count"] for m in maps], map_best_reduction=[m["best"] for m in maps],
+                   map_random_reduction=[m["random"] for m in maps])
+    return row
 
 
 def _map_stats(count: int, stats: list[dict]) -> dict:
@@ -858,11 +862,7 @@ class GraphUnits:
                 n = grow_group_neurons(model, group, g.neurons_per_step, X, y, g.beta, g.alpha, run.generator,
                                        g.sign, run.optimizer, g.adam_warm, bs)
             grown.append(n)
-        out = {"grown_neurons": grown}
-        if maps:
-            out.update(grown_maps=[m["count"] for m in maps], map_best_reduction=[m["best"] for m in maps],
-                       map_random_reduction=[m["random"] for m in maps])
-        return out
+        return _units_row(grown, maps)
 
     def prune(self) -> list[int]:
         from .pruning.groups import prune_group_units
