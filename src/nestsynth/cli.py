@@ -544,11 +544,16 @@ def main(argv: list[str] | None = None) -> int:
 def _add_export_parsers(sub) -> None:
     e = sub.add_parser("export", help="write the compact model of a run (pruned neurons removed, BN folded)")
     e.add_argument("run_dir", help="a finished run directory (or a model.pt file)")
-    e.add_argument("--format", default="pytorch", choices=["pytorch", "safetensors", "onnx"],
-                   help="artifact format (default pytorch; onnx is always stored dense)")
-    e.add_argument("--sparse", default="auto", choices=["auto", "dense", "csr"],
-                   help="per-layer storage: auto measures dense vs CSR at --batch-size (default auto)")
-    e.add_argument("--out", help="artifact path (default RUN_DIR/export/compact.pt|.safetensors|.onnx)")
+    e.add_argument("--format", default="pytorch", choices=["pytorch", "safetensors", "onnx", "c"],
+                   help="artifact format (default pytorch; onnx is always stored dense; c: dependency-free C "
+                        "source of the forward pass with a stdin harness under -DNEST_MAIN)")
+    e.add_argument("--sparse", default="auto", choices=["auto", "dense", "csr", "ckernel"],
+                   help="per-layer storage: auto measures dense, CSR and the generated C kernel at --batch-size "
+                        "(default auto); ckernel: every layer in generated C")
+    e.add_argument("--compile-check", default="auto", choices=["auto", "require", "skip"],
+                   help="--format c: compile the source and check its outputs (auto: when a C compiler is found; "
+                        "require: refuse without one)")
+    e.add_argument("--out", help="artifact path (default RUN_DIR/export/compact.pt|.safetensors|.onnx|.c)")
     e.add_argument("--batch-size", type=int, default=1, help="batch size the auto decision is timed at (default 1)")
     e.add_argument("--dataset", help="data set of the output check (default: the run's)")
     e.add_argument("--data-dir", help="folder holding the data set files")
@@ -562,7 +567,7 @@ def _add_export_parsers(sub) -> None:
     v.add_argument("--dataset", help="mnist, digits or npz:PATH (default: the one recorded in the artifact)")
     v.add_argument("--data-dir", help="folder holding the data set files")
     v.add_argument("--json", action="store_true")
-    b = sub.add_parser("bench-infer", help="inference latency: dense reference, masked, compact, ONNX")
+    b = sub.add_parser("bench-infer", help="inference latency: dense reference, masked, compact, C kernel, ONNX")
     b.add_argument("artifact", help="a compact .pt or .safetensors model from nestsynth export")
     b.add_argument("--run", help="run directory of the masked model (default: the one the artifact records)")
     b.add_argument("--onnx", help="ONNX export to time (default: sibling .onnx, else converted in memory)")
@@ -578,7 +583,7 @@ def cmd_export(args) -> int:
     from .export.pipeline import export_run, format_export
 
     result = export_run(args.run_dir, args.format, args.sparse, args.out, args.batch_size, args.dataset,
-                        args.data_dir, args.tolerance, args.check, args.threads)
+                        args.data_dir, args.tolerance, args.check, args.threads, args.compile_check)
     print(json.dumps(result, indent=2) if args.json else format_export(result))
     return 0
 

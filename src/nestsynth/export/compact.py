@@ -61,13 +61,15 @@ class CompactMLP(CompactNet):
         self.input_shape = list(input_shape) if input_shape else None
         self.n_inputs = int(n_inputs if n_inputs is not None else self.layers[0].in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, *input_shape) -> (B, classes)
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:  # (B, *input_shape) -> (B, read inputs)
         x = x.flatten(1)
-        if self.input_index is not None:
-            x = x.index_select(1, self.input_index)
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return x.index_select(1, self.input_index) if self.input_index is not None else x
+
+    def raw_input_shape(self) -> tuple:
+        return (self.n_inputs,)
+
+    def layer_input_shape(self, i: int) -> tuple:
+        return (self.layers[i].in_features,)
 
     def with_layers(self, layers) -> "CompactMLP":
         return CompactMLP(layers, self.input_shape, self.input_index, self.n_inputs, self.meta)
@@ -160,8 +162,8 @@ def compact_from_sparse(model: SparseMLP, storage: str = "auto", batch_size: int
 
     Args:
         model: the masked model (its batch-norm statistics are used, as in eval mode).
-        storage: ``"auto"`` (per layer, dense or CSR by measurement at ``batch_size``),
-            ``"dense"`` or ``"csr"`` for every layer.
+        storage: ``"auto"`` (per layer, dense, CSR or generated C by measurement at
+            ``batch_size``), ``"dense"``, ``"csr"`` or ``"ckernel"`` for every layer.
         batch_size: the batch size the ``auto`` decision is measured at.
         input_shape: shape of one sample, recorded in the architecture.
         meta: plain data to carry along.
@@ -175,7 +177,7 @@ def compact_from_sparse(model: SparseMLP, storage: str = "auto", batch_size: int
         NestError: unknown storage mode.
     """
     if storage not in ("auto",) + STORAGES:
-        raise NestError(f"unknown --sparse mode {storage!r}; valid: auto, dense, csr.")
+        raise NestError(f"unknown --sparse mode {storage!r}; valid: auto, {', '.join(STORAGES)}.")
     if isinstance(model, SparseCNN):  # see compact_cnn (the input shape is the model's own)
         return compact_cnn_from_sparse(model, storage, batch_size, meta, **choose_kwargs)
     if isinstance(model, SparseGraph):  # see compact_graph (dense layers, the input shape is the model's own)
@@ -196,8 +198,8 @@ def compact_from_sparse(model: SparseMLP, storage: str = "auto", batch_size: int
     for i, (w, b) in enumerate(zip(weights, biases)):
         w_c = w.index_select(0, rows[i]).index_select(1, cols[i]).float()
         b_c = b.index_select(0, rows[i]).float()
-        choice = choose_storage(w_c, b_c, batch_size, mode=storage, **choose_kwargs)
         act = model.activation_specs[i] if i < model.n_hidden else None
+        choice = choose_storage(w_c, b_c, batch_size, mode=storage, activation=act, **choose_kwargs)
         layers.append(CompactLinear(w_c, b_c, choice["storage"], act, choice))
         decisions.append({"layer": i, "in": w_c.shape[1], "out": w_c.shape[0], **choice})
     gather = in_idx if in_idx.numel() < n_inputs else None

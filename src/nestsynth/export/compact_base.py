@@ -22,7 +22,8 @@ from ..sparse.mlp import make_activation
 
 FORMAT = "nestsynth-compact"
 VERSION = 1
-STORAGES = ("dense", "csr")
+STORAGES = ("dense", "csr", "ckernel")
+SPARSE_STORAGES = ("csr", "ckernel")  # stored as CSR tensors; "ckernel" runs in generated C (.ckernel)
 GATHER_MIN_FRACTION = 0.25  # drop unread inputs with a gather only when it removes at least this share
 
 _BETA_WARNING = ".*Sparse CSR tensor support is in beta state.*"
@@ -41,7 +42,10 @@ def to_csr(weight: torch.Tensor) -> torch.Tensor:
 class CompactLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored dense or as a CSR matrix.
 
-    CSR computes ``(b[:, None] + W @ x.T).T`` (sparse @ dense, the fast path of CPU
+    ``ckernel`` layers hold their CSR matrix too; :class:`CompactNet` runs consecutive
+    ``ckernel`` layers as one generated C function (:mod:`.ckernel`), and a layer that
+    runs alone (no compiler) computes as CSR.  CSR computes
+    ``(b[:, None] + W @ x.T).T`` (sparse @ dense, the fast path of CPU
     sparse kernels; ``b + W @ x[0]`` for a single sample); the result is a transposed
     view, which the next operation reads directly.
     """
@@ -61,11 +65,11 @@ class CompactLinear(nn.Module):
         self.activation = activation
         self.choice = dict(choice or {})
         self.register_buffer("bias", bias.detach().to(torch.float32).contiguous())
-        self.register_buffer("weight", to_csr(weight) if storage == "csr" else weight.contiguous())
+        self.register_buffer("weight", to_csr(weight) if storage in SPARSE_STORAGES else weight.contiguous())
         self.act = make_activation(activation) if activation else None
 
     def dense_weight(self) -> torch.Tensor:
-        return self.weight.to_dense() if self.storage == "csr" else self.weight
+        return self.weight.to_dense() if self.storage in SPARSE_STORAGES else self.weight
 
     def as_dense(self, choice: dict | None = None) -> "CompactLinear":
         """The same layer stored dense (``choice``: its recorded decision)."""
@@ -73,7 +77,7 @@ class CompactLinear(nn.Module):
                              choice if choice is not None else {"storage": "dense", "reason": "densified copy"})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, in) -> (B, out)
-        if self.storage == "csr":
+        if self.storage in SPARSE_STORAGES:
             if x.shape[0] == 1:  # sparse matrix-vector product: less overhead than the general product
                 y = torch.addmv(self.bias, self.weight, x[0]).unsqueeze(0)
             else:
@@ -83,8 +87,8 @@ class CompactLinear(nn.Module):
         return self.act(y) if self.act is not None else y
 
     def executed_flops(self) -> int:
-        """Multiply-adds actually performed, x2: all of W when dense, the non-zeros when CSR."""
-        return self.nonzero_flops() if self.storage == "csr" else self.dense_flops()
+        """Multiply-adds actually performed, x2: all of W when dense, the non-zeros when CSR or C."""
+        return self.nonzero_flops() if self.storage in SPARSE_STORAGES else self.dense_flops()
 
     def nonzero_flops(self) -> int:
         return 2 * self.nnz
@@ -100,7 +104,7 @@ class CompactLinear(nn.Module):
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.bias": self.bias}
-        if self.storage == "csr":
+        if self.storage in SPARSE_STORAGES:
             out[f"{prefix}.crow_indices"] = self.weight.crow_indices().contiguous()
             out[f"{prefix}.col_indices"] = self.weight.col_indices().contiguous()
             out[f"{prefix}.values"] = self.weight.values().contiguous()
@@ -112,7 +116,7 @@ class CompactLinear(nn.Module):
     def from_state(cls, spec: dict, tensors: dict[str, torch.Tensor], prefix: str) -> "CompactLinear":
         n_in, n_out, storage = int(spec["in"]), int(spec["out"]), spec["storage"]
         bias = tensors[f"{prefix}.bias"]
-        if storage == "csr":
+        if storage in SPARSE_STORAGES:
             crow, col = tensors[f"{prefix}.crow_indices"], tensors[f"{prefix}.col_indices"]
             values = tensors[f"{prefix}.values"]
             if crow.dim() != 1 or crow.numel() != n_out + 1 or col.shape != values.shape or col.dim() != 1:
@@ -134,7 +138,14 @@ class CompactLinear(nn.Module):
 class CompactNet(nn.Module):
     """What :class:`CompactMLP` and :class:`~nestsynth.export.compact_cnn.CompactCNN` share:
     typed ``layers``, an optional ``input_index`` gather buffer, plain-data ``meta``,
-    their counts, their tensors by name and rebuilding from them."""
+    their counts, their tensors by name and rebuilding from them, and the forward.
+
+    The forward runs each maximal run of consecutive ``ckernel`` layers as one compiled
+    C function (:class:`~nestsynth.export.ckernel.CKernel`, built on first use; the run
+    that starts at layer 0 also reads the input gather), every other layer in PyTorch.
+    When the kernel cannot be built the run's layers compute in PyTorch (CSR / dense
+    convolution) and :attr:`kernel_status` says why.
+    """
 
     def __init__(self, layers, input_index: torch.Tensor | None, meta: dict | None):
         super().__init__()
@@ -144,6 +155,58 @@ class CompactNet(nn.Module):
             self.register_buffer("input_index", input_index.to(torch.int64).contiguous())
         else:
             self.input_index = None
+        self.reset_kernels()
+
+    def reset_kernels(self) -> None:
+        """Forget the compiled runs (after ``layers`` changed)."""
+        self._segments = None
+        self.kernel_status = None
+
+    def raw_input_shape(self) -> tuple:
+        """Per-sample shape of the model's input before the gather."""
+        raise NotImplementedError
+
+    def layer_input_shape(self, i: int) -> tuple:
+        """Per-sample shape of layer i's input (after the gather for layer 0)."""
+        raise NotImplementedError
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The input reshaped for layer 0, gathered."""
+        raise NotImplementedError
+
+    def segments(self) -> list[tuple[int, int, object]]:
+        """``(start, stop, kernel or None)`` covering the layers in order; kernels built on first call."""
+        if self._segments is None:
+            from .ckernel import CKernel, KernelUnavailable
+
+            segs, i, n = [], 0, len(self.layers)
+            while i < n:
+                j = i + 1
+                while self.layers[i].storage == "ckernel" and j < n and self.layers[j].storage == "ckernel":
+                    j += 1
+                kernel = None
+                if self.layers[i].storage == "ckernel":
+                    shape = self.raw_input_shape() if i == 0 else self.layer_input_shape(i)
+                    try:
+                        kernel = CKernel(self.layers[i:j], shape, self.input_index if i == 0 else None)
+                    except KernelUnavailable as exc:
+                        self.kernel_status = f"layers {i}-{j - 1} run in PyTorch: {exc}"
+                        warnings.warn(self.kernel_status, RuntimeWarning, stacklevel=2)
+                segs.append((i, j, kernel))
+                i = j
+            self._segments = segs
+        return self._segments
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, *input_shape) -> (B, classes)
+        for start, stop, kernel in self.segments():
+            if kernel is not None:
+                x = kernel(x)                                  # (B, *its output shape)
+                continue
+            if start == 0:
+                x = self.prepare(x)
+            for layer in self.layers[start:stop]:
+                x = layer(x.flatten(1) if layer.type_name == "linear" else x)
+        return x
 
     @property
     def widths(self) -> list[int]:
@@ -172,8 +235,15 @@ class CompactNet(nn.Module):
         raise NotImplementedError
 
     def densified(self) -> "CompactNet":
-        """The same network with every linear layer stored dense (for ONNX and comparisons)."""
-        return self.with_layers([layer.as_dense() if isinstance(layer, CompactLinear) else layer
+        """The same network with every layer stored dense (for ONNX and comparisons)."""
+        return self.with_layers([layer.as_dense() if layer.storage != "dense" else layer
+                                 for layer in self.layers]).eval()
+
+    def in_c(self) -> "CompactNet":
+        """The same network with every layer run by generated C (:mod:`.ckernel`), for comparisons."""
+        choice = {"storage": "ckernel", "reason": "every layer in C"}
+        return self.with_layers([CompactLinear(layer.dense_weight(), layer.bias, "ckernel", layer.activation, choice)
+                                 if layer.type_name == "linear" else layer.with_choice(choice)
                                  for layer in self.layers]).eval()
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -64,7 +64,7 @@ from ..errors import NestError
 from ..sparse.cnn import SparseCNN, _pool, _pooled
 from ..sparse.conv import conv_out_size
 from ..sparse.mlp import make_activation
-from .choose import choose_storage
+from .choose import choose_conv_storage, choose_storage
 from .compact_base import FORMAT, GATHER_MIN_FRACTION, STORAGES, VERSION, CompactLinear, CompactNet
 
 KIND = "cnn"
@@ -85,7 +85,6 @@ class CompactConv2d(nn.Module):
     """
 
     type_name = "conv2d"
-    storage = "dense"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int, out_hw,
                  area: torch.Tensor | None = None, offset: torch.Tensor | None = None,
@@ -99,6 +98,7 @@ class CompactConv2d(nn.Module):
         self.nnz = int(torch.count_nonzero(weight))
         self.activation, self.pool_spec = activation, pool
         self.choice = dict(choice or {})
+        self.storage = "ckernel" if self.choice.get("storage") == "ckernel" else "dense"  # ckernel: see CompactNet
         self.conv = nn.Conv2d(n_in, n_out, k, self.stride, self.padding)
         with torch.no_grad():
             self.conv.weight.copy_(weight)
@@ -130,11 +130,21 @@ class CompactConv2d(nn.Module):
         return self.area.flatten(1).ne(0).sum(dim=1)
 
     def executed_flops(self) -> int:
-        """2 x MACs of the dense convolution at every output position (what runs)."""
-        return 2 * self.out_features * self.in_features * self.kernel_size ** 2 * self.out_hw[0] * self.out_hw[1]
+        """2 x MACs that run: the dense convolution at every output position, or (generated C)
+        the non-zero weights at the positions each kernel computes."""
+        return self.nonzero_flops() if self.storage == "ckernel" else self.dense_flops()
 
     def dense_flops(self) -> int:
-        return self.executed_flops()  # the kernels always run dense
+        return 2 * self.out_features * self.in_features * self.kernel_size ** 2 * self.out_hw[0] * self.out_hw[1]
+
+    def with_choice(self, choice: dict) -> "CompactConv2d":
+        """The same stage with another recorded decision (its storage is ``choice["storage"]``)."""
+        return CompactConv2d(self.conv.weight, self.conv.bias, self.stride, self.padding, self.out_hw, self.area,
+                             self.offset, self.activation, self.pool_spec, choice)
+
+    def as_dense(self, choice: dict | None = None) -> "CompactConv2d":
+        """The same stage run by ``nn.Conv2d`` (``choice``: its recorded decision)."""
+        return self.with_choice(choice if choice is not None else {"storage": "dense", "reason": "densified copy"})
 
     def nonzero_flops(self) -> int:
         """2 x sum over kernels n of (non-zero weights of n) x (positions n computes)."""
@@ -192,15 +202,21 @@ class CompactCNN(CompactNet):
         self.n_inputs = math.prod(self.input_shape)  # values per sample, as CompactMLP.n_inputs
         self.n_conv = sum(isinstance(layer, CompactConv2d) for layer in self.layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, *input_shape) -> (B, classes)
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:  # (B, *input_shape) -> (B, read channels, H, W)
         x = x.reshape(x.shape[0], *self.input_shape)
-        if self.input_index is not None:
-            x = x.index_select(1, self.input_index)
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i == self.n_conv - 1:
-                x = x.flatten(1)                               # channel-major: c * H * W + p
-        return x
+        return x.index_select(1, self.input_index) if self.input_index is not None else x
+
+    def raw_input_shape(self) -> tuple:
+        return tuple(self.input_shape)
+
+    def layer_input_shape(self, i: int) -> tuple:
+        """(C, H, W) in front of a conv stage, (features,) in front of a linear layer
+        (flattened channel-major: ``c * H * W + p``)."""
+        layer = self.layers[i]
+        if layer.type_name == "linear":
+            return (layer.in_features,)
+        hw = tuple(self.input_shape[1:]) if i == 0 else _pooled(self.layers[i - 1].out_hw, self.layers[i - 1].pool_spec)
+        return (layer.in_features, *hw)
 
     def with_layers(self, layers) -> "CompactCNN":
         return CompactCNN(layers, self.input_shape, self.input_index, self.meta)
@@ -375,11 +391,6 @@ def _conv_stage(fd: _Folded, h: int, rows: torch.Tensor, cols: torch.Tensor, cho
                          act, m.conv_specs[h]["pool"], choice)
 
 
-def _conv_choice(w: torch.Tensor, batch_size: int) -> dict:
-    numel = w.numel()
-    density = float(torch.count_nonzero(w)) / numel if numel else 1.0
-    return {"storage": "dense", "reason": "convolution: dense kernels (nn.Conv2d)",
-            "density": round(density, 6), "batch_size": int(batch_size)}
 
 
 def compact_cnn_from_sparse(model: SparseCNN, storage: str = "auto", batch_size: int = 1,
@@ -388,8 +399,9 @@ def compact_cnn_from_sparse(model: SparseCNN, storage: str = "auto", batch_size:
 
     Args:
         model: the masked CNN (its batch-norm statistics are used, as in eval mode).
-        storage: ``"auto"`` / ``"dense"`` / ``"csr"`` for the linear layers (conv kernels
-            are always dense).
+        storage: ``"auto"`` / ``"dense"`` / ``"csr"`` / ``"ckernel"`` for the linear layers;
+            conv stages are dense (``nn.Conv2d``) or, by ``auto``'s timing or ``ckernel``,
+            generated C.
         batch_size: the batch size the ``auto`` decision is measured at.
         meta: plain data to carry along.
         choose_kwargs: passed to :func:`nestsynth.export.choose.choose_storage`.
@@ -402,7 +414,7 @@ def compact_cnn_from_sparse(model: SparseCNN, storage: str = "auto", batch_size:
         NestError: unknown storage mode.
     """
     if storage not in ("auto",) + STORAGES:
-        raise NestError(f"unknown --sparse mode {storage!r}; valid: auto, dense, csr.")
+        raise NestError(f"unknown --sparse mode {storage!r}; valid: auto, {', '.join(STORAGES)}.")
     fd = _Folded(model)
     keep, counts = prune_dead_maps(fd)
     placeholders = [0] * model.n_hidden
@@ -422,14 +434,17 @@ def compact_cnn_from_sparse(model: SparseCNN, storage: str = "auto", batch_size:
     layers, decisions = [], []
     for i in range(len(model.layers)):
         if model.is_conv(i):
-            choice = _conv_choice(fd.W[i].index_select(0, rows[i]).index_select(1, cols[i]), batch_size)
-            layers.append(_conv_stage(fd, i, rows[i], cols[i], choice))
+            stage = _conv_stage(fd, i, rows[i], cols[i], {"storage": "dense"})
+            hw = tuple(model.input_shape[1:]) if i == 0 else _pooled(layers[-1].out_hw, layers[-1].pool_spec)
+            choice = choose_conv_storage(stage, (stage.in_features, *hw), batch_size, mode=storage,
+                                         **{k: v for k, v in choose_kwargs.items() if k in ("margin", "repeats")})
+            layers.append(stage.with_choice(choice))
             name = f"conv{i + 1}"
         else:
             w_c = fd.W[i].index_select(0, rows[i]).index_select(1, cols[i]).float()
             b_c = fd.b[i].index_select(0, rows[i]).float()
-            choice = choose_storage(w_c, b_c, batch_size, mode=storage, **choose_kwargs)
             act = model.activation_specs[i] if i < model.n_hidden else None
+            choice = choose_storage(w_c, b_c, batch_size, mode=storage, activation=act, **choose_kwargs)
             layers.append(CompactLinear(w_c, b_c, choice["storage"], act, choice))
             name = f"fc{i - model.n_conv + 1}"
         layer = layers[-1]

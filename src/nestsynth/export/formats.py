@@ -8,6 +8,13 @@
 * ``onnx`` (``.onnx``): the compact network with every layer **dense** (ONNX has no
   sparse-matrix operator that runtimes execute as such), the architecture as JSON in
   the model's metadata (key ``nestsynth``).  Needs the ``onnx`` extra.
+* ``c`` (``.c``): dependency-free C source of the forward pass (:func:`c_artifact`),
+  written only; it is not read back.
+
+Each artifact records the input contract (shape, scaling, normalization; see
+:mod:`.contract`) from the architecture's ``meta["input_contract"]``: the ``.pt`` dict
+and the safetensors metadata under ``input_contract``, ONNX ``metadata_props`` key
+``input_contract``, the C file's comment block and ``NEST_INPUT_*`` defines.
 
 Each format holds a :class:`CompactMLP`, a :class:`CompactCNN` or a :class:`CompactGraph`;
 the architecture's ``kind`` (``"sequential"`` / ``"cnn"`` / ``"graph"``) picks the class on
@@ -25,14 +32,16 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..errors import NestError
+from .ckernel import c_source, plan_layers
 from .compact import FORMAT, CompactMLP
 from .compact_cnn import KIND as CNN_KIND
 from .compact_cnn import CompactCNN
 from .compact_graph import KIND as GRAPH_KIND
 from .compact_graph import CompactGraph
+from .contract import contract_lines
 
-FORMATS = ("pytorch", "safetensors", "onnx")
-SUFFIX = {"pytorch": ".pt", "safetensors": ".safetensors", "onnx": ".onnx"}
+FORMATS = ("pytorch", "safetensors", "onnx", "c")
+SUFFIX = {"pytorch": ".pt", "safetensors": ".safetensors", "onnx": ".onnx", "c": ".c"}
 ONNX_OPSET = 17
 
 
@@ -45,7 +54,8 @@ def format_of(path: Path) -> str:
     for name, suffix in SUFFIX.items():
         if path.suffix.lower() == suffix:
             return name
-    raise NestError(f"{str(path)!r} is not a model artifact: expected a .pt, .safetensors or .onnx file.")
+    raise NestError(f"{str(path)!r} is not a model artifact: expected a .pt, .safetensors or .onnx file "
+                    "(or a .c export).")
 
 
 def sidecar_path(path: Path) -> Path:
@@ -78,6 +88,7 @@ def compact_from_state(arch, tensors: dict) -> CompactMLP | CompactCNN:
 
 def save_pytorch(model: CompactMLP | CompactCNN, path: Path) -> None:
     ckpt.atomic_torch_save({"format": FORMAT, "version": 1, "arch": model.arch(),
+                            "input_contract": model.meta.get("input_contract"),
                             "tensors": {k: v.detach().cpu() for k, v in model.tensors().items()}}, path)
 
 
@@ -102,7 +113,8 @@ def save_safetensors(model: CompactMLP | CompactCNN, path: Path) -> Path:
 
     arch = model.arch()
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.tensors().items()}
-    data = save(tensors, metadata={"format": FORMAT, "arch": json.dumps(arch)})
+    data = save(tensors, metadata={"format": FORMAT, "arch": json.dumps(arch),
+                                   "input_contract": json.dumps(model.meta.get("input_contract"))})
     side = sidecar_path(path)
     ckpt.atomic_write_bytes(path, data)
     ckpt.atomic_write_text(side, json.dumps({"format": FORMAT, "version": 1, "weights": path.name,
@@ -161,8 +173,9 @@ def onnx_bytes(model: CompactMLP | CompactCNN) -> bytes:
     proto = onnx.load_from_string(buf.getvalue())
     arch = model.arch()
     arch["onnx_note"] = "every layer stored dense (ONNX has no executable sparse-matrix format)"
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "nestsynth", json.dumps(arch)
+    for key, value in (("nestsynth", arch), ("input_contract", model.meta.get("input_contract"))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 
@@ -214,6 +227,48 @@ def load_onnx(path: Path, threads: int | None = None) -> OnnxModel:
     return OnnxModel(path.read_bytes(), threads)
 
 
+# ---------------------------------------------------------------------------- c
+
+
+def c_artifact(model: CompactMLP | CompactCNN) -> str:
+    """The compact model as one dependency-free C file (every layer in C; see :mod:`.ckernel`).
+
+    The comment block gives the model, the input contract and how to build and call it;
+    ``NEST_INPUT_*`` defines repeat the contract; ``-DNEST_MAIN`` adds a ``main`` that reads
+    samples from stdin and prints the outputs.
+
+    Raises:
+        NestError: a graph network or a layer without a C form.
+    """
+    if isinstance(model, CompactGraph):
+        raise NestError("--format c writes MLP and sequential CNN exports only; a graph network has no C export.")
+    plan = plan_layers(list(model.layers), model.raw_input_shape(), model.input_index)
+    contract = model.meta.get("input_contract") or {}
+    meta = model.meta
+    comment = [f"nestsynth compact model {meta.get('name', '')} "
+               f"(source: {meta.get('source_run') or meta.get('source_model')})",
+               f"widths {'-'.join(map(str, model.widths))}, {model.nnz()} non-zero weights, "
+               f"{model.nonzero_flops()} FLOPs per sample (2 x multiply-adds of the non-zeros)", "",
+               "INPUT CONTRACT", *(contract_lines(contract) if contract else ["unknown (no data set recorded)"]),
+               "",
+               "int nest_forward(const float *x, long n, float *y, float *scratch);",
+               "  x: n samples of NEST_N_INPUTS floats (row-major), y: n rows of NEST_N_OUTPUTS logits,",
+               "  scratch: NEST_SCRATCH_FLOATS floats (2 x NEST_MAX_ROWS x NEST_TILE).",
+               "Build: cc -O3 -c compact.c (library), or cc -O3 -DNEST_MAIN compact.c -o nest (harness:",
+               "  reads samples as whitespace-separated numbers on stdin, prints one line of outputs each).",
+               "-DNEST_TILE=1 shrinks the scratch to 2 x NEST_MAX_ROWS floats (slower batches);",
+               "-DNEST_PLAIN_C keeps plain C99 loops instead of GNU C vectors."]
+    defines = {"NEST_INPUT_SCALING": json.dumps(contract.get("scaling", "")),
+               "NEST_INPUT_NORMALIZED": int(contract.get("mean") is not None)}
+    return c_source(plan, comment="\n".join(comment), defines=defines, harness=True)
+
+
+def save_c(model: CompactMLP | CompactCNN, path: Path) -> str:
+    text = c_artifact(model)
+    ckpt.atomic_write_text(path, text)
+    return text
+
+
 # ---------------------------------------------------------------------------- any
 
 
@@ -227,6 +282,9 @@ def save_artifact(model: CompactMLP | CompactCNN, path: Path, fmt: str) -> list[
     if fmt == "onnx":
         save_onnx(model, path)
         return [path]
+    if fmt == "c":
+        save_c(model, path)
+        return [path]
     raise NestError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}.")
 
 
@@ -234,6 +292,9 @@ def load_artifact(path: str | Path, threads: int | None = None):
     """A compact model from any artifact: :class:`CompactMLP`, :class:`CompactCNN` or :class:`OnnxModel`."""
     path = Path(path)
     fmt = format_of(path)
+    if fmt == "c":
+        raise NestError(f"{str(path)!r} is C source: compile it (see its comment block); nestsynth reads .pt, "
+                        ".safetensors and .onnx artifacts.")
     if fmt == "pytorch":
         return load_pytorch(path)
     if fmt == "safetensors":

@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,18 @@ from ..report.summary import load_model
 from ..sparse.cnn import SparseCNN
 from ..sparse.mlp import SparseMLP
 from .bench import measure_latency
+from .ckernel import CKernel, KernelUnavailable, find_compiler
 from .compact import CompactLinear, CompactMLP, compact_from_sparse, max_abs_difference
+from .compact_base import SPARSE_STORAGES, STORAGES
 from .compact_cnn import CompactCNN, CompactConv2d
 from .compact_graph import CompactGraph
-from .formats import (FORMATS, SUFFIX, OnnxModel, _require_onnx, artifact_files, format_of, load_artifact,
-                      load_onnx, onnx_bytes, save_artifact)
+from .contract import input_contract
+from .formats import (FORMATS, SUFFIX, OnnxModel, _require_onnx, artifact_files, c_artifact, format_of,
+                      load_artifact, load_onnx, onnx_bytes, save_artifact)
 
 BATCH_SIZES = (1, 64, 256)
 TOLERANCE = 1e-5
+COMPILE_CHECKS = ("auto", "require", "skip")
 
 
 @dataclass
@@ -183,11 +188,11 @@ def _max_abs_output(model, X: torch.Tensor, batch_size: int = 1024) -> float:
 
 def dense_fallback(masked, compact, decisions: list[dict], X: torch.Tensor, tolerance: float,
                    diff: float) -> tuple[float, list[str]]:
-    """``--sparse auto``: store CSR layers dense again until the export check passes.
+    """``--sparse auto``: store sparse (CSR or C) layers dense again until the export check passes.
 
-    A CSR product sums each output in another order than the dense product of the
+    A sparse product sums each output in another order than the dense product of the
     masked model, so on a layer with long rows the float32 rounding alone can reach
-    the tolerance.  ``auto`` picks the fastest storage *that passes the check*: CSR
+    the tolerance.  ``auto`` picks the fastest storage *that passes the check*: sparse
     layers are switched back to dense, the most non-zeros (the longest sums) first,
     until the outputs agree within ``tolerance``.  ``compact.layers`` and ``decisions``
     (the per-layer records, indexed like the layers) are updated in place.
@@ -196,15 +201,16 @@ def dense_fallback(masked, compact, decisions: list[dict], X: torch.Tensor, tole
         (the new max difference, names of the layers switched to dense).
     """
 
-    csr = sorted((j for j, layer in enumerate(compact.layers) if layer.storage == "csr"),
-                 key=lambda j: (-compact.layers[j].nnz, j))
+    sparse = sorted((j for j, layer in enumerate(compact.layers) if layer.storage != "dense"),
+                    key=lambda j: (-compact.layers[j].nnz, j))
     switched = []
-    for j in csr:
+    for j in sparse:
         layer = compact.layers[j]
-        reason = (f"{layer.choice.get('reason', 'CSR')}; stored dense instead: with CSR the outputs differed "
-                  f"from the masked model's by {diff:.3g} (tolerance {tolerance:g})")
+        reason = (f"{layer.choice.get('reason', layer.storage)}; stored dense instead: with {layer.storage} the "
+                  f"outputs differed from the masked model's by {diff:.3g} (tolerance {tolerance:g})")
         compact.layers[j] = layer.as_dense({**layer.choice, "storage": "dense", "reason": reason,
                                             "csr_fallback": True})
+        compact.reset_kernels()
         decisions[j].update(storage="dense", reason=reason, csr_fallback=True)
         switched.append(decisions[j].get("name", f"fc{j + 1}"))
         diff = max_abs_difference(masked, compact, X)
@@ -213,14 +219,42 @@ def dense_fallback(masked, compact, decisions: list[dict], X: torch.Tensor, tole
     return diff, switched
 
 
+def _check_c(masked, compact, source: str, X: torch.Tensor, compile_check: str, result: dict) -> float:
+    """Compile the C artifact's text as a library and compare it with the masked model (``--format c``).
+
+    Records ``max_abs_diff_c_vs_masked`` and ``c_compiled`` (the flags) in ``result``, or
+    ``c_check`` (why it was not compiled).  Returns the difference (0 when not compiled).
+
+    Raises:
+        NestError: ``compile_check == "require"`` and the source does not compile.
+    """
+    if compile_check == "skip":
+        result["c_check"] = "skipped (--compile-check skip)"
+        return 0.0
+    try:
+        kernel = CKernel(compact.layers, compact.raw_input_shape(), compact.input_index, source=source)
+    except KernelUnavailable as exc:
+        if compile_check == "require":
+            raise NestError(f"the C export does not compile: {exc}") from None
+        result["c_check"] = f"not compiled: {exc}"
+        return 0.0
+    result["c_compiled"] = " ".join(kernel.flags)
+    result["max_abs_diff_c_vs_masked"] = max_abs_difference(masked, kernel, X)
+    return result["max_abs_diff_c_vs_masked"]
+
+
 def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out: str | Path | None = None,
                batch_size: int = 1, dataset: str | None = None, data_dir: str | None = None,
-               tolerance: float = TOLERANCE, check: str = "test", threads: int | None = None) -> dict:
+               tolerance: float = TOLERANCE, check: str = "test", threads: int | None = None,
+               compile_check: str = "auto") -> dict:
     """Export a run's final model as a compact artifact, after checking it against the masked model.
 
-    The check runs the masked model and the compact one (for ONNX: in onnxruntime) on
-    the test set (``check="test"``) or on 2048 uniform random inputs (``"random"``) and
-    refuses to write the artifact when their outputs differ by ``tolerance`` or more.
+    The check runs the masked model and the compact one (for ONNX: in onnxruntime; for
+    C: the written source compiled as a library) on the test set (``check="test"``) or
+    on 2048 uniform random inputs (``"random"``) and refuses to write the artifact when
+    their outputs differ by ``tolerance`` or more.  ``compile_check`` (``--format c``):
+    ``auto`` compiles when a C compiler is found and records why not otherwise,
+    ``require`` refuses to export without one, ``skip`` does not compile.
 
     Returns:
         The export report (also written next to the artifact as ``ARTIFACT.export.json``).
@@ -230,17 +264,24 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
     """
     if fmt not in FORMATS:
         raise NestError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}.")
-    if sparse not in ("auto", "dense", "csr"):
-        raise NestError(f"unknown --sparse mode {sparse!r}; valid: auto, dense, csr.")
+    if sparse not in ("auto",) + STORAGES:
+        raise NestError(f"unknown --sparse mode {sparse!r}; valid: auto, {', '.join(STORAGES)}.")
     if batch_size < 1:
         raise NestError(f"--batch-size must be at least 1, got {batch_size}.")
-    if fmt == "onnx" and sparse == "csr":
-        raise NestError("ONNX export is dense only (ONNX runtimes execute no sparse matrices); use --sparse "
-                        "auto or dense, or --format pytorch/safetensors for CSR layers.")
+    if fmt == "onnx" and sparse in SPARSE_STORAGES:
+        raise NestError(f"ONNX export is dense only (ONNX runtimes execute no sparse matrices); use --sparse "
+                        f"auto or dense, or --format pytorch/safetensors for {sparse} layers.")
     if check not in ("test", "random"):
         raise NestError(f"unknown --check {check!r}; valid: test, random.")
+    if compile_check not in COMPILE_CHECKS:
+        raise NestError(f"unknown --compile-check {compile_check!r}; valid: {', '.join(COMPILE_CHECKS)}.")
     if fmt == "onnx":
         _require_onnx()
+    if fmt == "c" and compile_check == "require":
+        try:
+            find_compiler()
+        except KernelUnavailable as exc:
+            raise NestError(f"--compile-check require: {exc}") from None
     if out:  # before any work
         if Path(out).suffix.lower() != SUFFIX[fmt]:
             raise NestError(f"--out {str(out)!r} must end in {SUFFIX[fmt]} for --format {fmt}.")
@@ -250,13 +291,14 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
     ckpt.check_can_write(path, "--out" if out else "the export folder")
     with _torch_threads(threads):
         started = time.perf_counter()
-        storage = "dense" if fmt == "onnx" else sparse
+        storage = "dense" if fmt in ("onnx", "c") else sparse  # the C file runs every layer in C anyway
         meta = {"name": src.name, "dataset": dataset or src.dataset, "data_dir": data_dir or src.data_dir,
                 "source_run": str(src.run_dir.resolve()) if src.run_dir else None,
                 "source_model": str(src.model_file.resolve()), "reference_widths": src.reference_widths,
                 "masked_widths": src.model.widths,
                 "activations": None if src.is_graph else list(src.model.activation_specs),
-                "test_error_masked_report": src.report.get("test_error")}
+                "test_error_masked_report": src.report.get("test_error"),
+                "input_contract": input_contract(dataset or src.dataset, src.sample_shape)}
         compact, info = compact_from_sparse(src.model, storage, batch_size, src.input_shape, meta)
         if check == "test":
             test = _test_set(meta["dataset"], meta["data_dir"])
@@ -270,7 +312,7 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
         result = {"artifact": None, "format": fmt, "sparse": sparse, "check_inputs": check,
                   "check_samples": int(X.shape[0]), "tolerance": tolerance, **info}
         diff = max_abs_difference(src.model, compact, X)
-        if diff >= tolerance and storage == "auto" and "csr" in compact.storages():
+        if diff >= tolerance and storage == "auto" and set(compact.storages()) - {"dense"}:
             result["max_abs_diff_with_csr"] = diff
             diff, result["csr_fallback"] = dense_fallback(src.model, compact, info["layers"], X, tolerance, diff)
         result["max_abs_diff"] = diff
@@ -281,6 +323,9 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
             result["max_abs_diff_onnx_vs_masked"] = max_abs_difference(src.model, runner, X)
             result["max_abs_diff_onnx_vs_pytorch"] = max_abs_difference(compact, runner, X)
             diff = max(diff, result["max_abs_diff_onnx_vs_masked"])
+        if fmt == "c":
+            data = c_artifact(compact)
+            diff = max(diff, _check_c(src.model, compact, data, X, compile_check, result))
         if y is not None:
             result["test_error_masked"] = _error(src.model, X, y) / len(y)
             result["test_error_compact"] = _error(compact, X, y) / len(y)
@@ -293,8 +338,8 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
                             f"by up to {diff:.3g} (tolerance {tolerance:g}; the outputs reach {top:.3g}, where "
                             f"float32 numbers are {spacing32:.2g} apart, so this is {diff / spacing32:.0f} "
                             f"float32 steps); nothing was written. --tolerance sets the bound.")
-        if fmt == "onnx":  # write exactly the bytes that were checked
-            ckpt.atomic_write_bytes(path, data)
+        if fmt in ("onnx", "c"):  # write exactly what was checked
+            ckpt.atomic_write_bytes(path, data if fmt == "onnx" else data.encode())
             files = [path]
         else:
             files = save_artifact(compact, path, fmt)
@@ -302,7 +347,9 @@ def export_run(run: str | Path, fmt: str = "pytorch", sparse: str = "auto", out:
         result["files"] = _sizes(files)
         result["source_model_bytes"] = src.model_file.stat().st_size
         result["nnz_flops"] = compact.nonzero_flops()
-        result["executed_flops"] = compact.executed_flops() if fmt != "onnx" else compact.dense_flops()
+        result["executed_flops"] = {"onnx": compact.dense_flops(), "c": compact.nonzero_flops()}.get(
+            fmt, compact.executed_flops())
+        result["input_contract"] = meta["input_contract"]
         result["seconds"] = round(time.perf_counter() - started, 3)
         result["threads"] = torch.get_num_threads()
         report_file = path.with_name(path.name + ".export.json")  # compact.pt.export.json
@@ -336,8 +383,17 @@ def format_export(result: dict) -> str:
                   f"{result['max_abs_diff_onnx_vs_pytorch']:.3g}" if "max_abs_diff_onnx_vs_masked" in result
                   else "") + f" (< {result['tolerance']:g}: ok)")
     if result.get("csr_fallback"):
-        lines.append(f"with CSR the difference was {result['max_abs_diff_with_csr']:.3g}: stored dense instead: "
-                     + ", ".join(result["csr_fallback"]))
+        lines.append(f"with sparse storage the difference was {result['max_abs_diff_with_csr']:.3g}: stored dense "
+                     "instead: " + ", ".join(result["csr_fallback"]))
+    if "max_abs_diff_c_vs_masked" in result:
+        lines.append(f"C source compiled (cc {result['c_compiled']}): max |C - masked| = "
+                     f"{result['max_abs_diff_c_vs_masked']:.3g}")
+    elif result.get("c_check"):
+        lines.append(f"C source {result['c_check']}")
+    contract = result.get("input_contract") or {}
+    if contract:
+        lines.append(f"input contract: shape {contract['shape']}, {contract['scaling']}" +
+                     (f", mean {contract['mean']}, std {contract['std']}" if contract.get("mean") else ""))
     if "test_error_compact" in result:
         lines.append(f"test error: masked {100 * result['test_error_masked']:.2f}%, compact "
                      f"{100 * result['test_error_compact']:.2f}%")
@@ -468,6 +524,19 @@ def deep_compression_sizes(run_dir: Path | None) -> dict | None:
                         "run `nestsynth compress` again.") from None
 
 
+def _c_variant(compact, shape) -> tuple[list[tuple], str | None]:
+    """(the bench-infer row of the compact model with every layer in generated C, or none; why none)."""
+    in_c = compact.in_c()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the reason is returned instead
+        in_c(torch.zeros(1, *shape))                     # builds the kernel (cached by its source's hash)
+    if in_c.kernel_status:
+        return [], f"skipped: {in_c.kernel_status}"
+    flags = " ".join(next(seg[2] for seg in in_c.segments() if seg[2] is not None).flags)
+    return [("compact, C kernel", in_c, in_c.executed_flops(), compact.widths,
+             f"every layer in one generated C function, cc {flags}")], None
+
+
 def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: str | Path | None = None,
                     batch_sizes=BATCH_SIZES, repeats: int = 30, warmup: int = 10, threads: int = 1,
                     out: str | Path | None = None) -> dict:
@@ -518,9 +587,13 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
                     ("masked", src.model, masked_flops, src.model.widths, masked_note),
                     ("compact (PyTorch)", compact, compact.executed_flops(), compact.widths,
                      "storage " + "/".join(compact.storages()))]
-        if "csr" in compact.storages():
+        if set(compact.storages()) - {"dense"}:
             variants.append(("compact, all dense", compact.densified(), compact.dense_flops(),
                              compact.widths, "same widths, no CSR"))
+        c_note = None
+        if set(compact.storages()) != {"ckernel"}:
+            rows_c, c_note = _c_variant(compact, shape)
+            variants += rows_c
         onnx_file, onnx_note = None, None
         if _onnx_available():
             if onnx:
@@ -545,6 +618,8 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
         for name, model, flops, widths, note in variants:
             row = {"name": name, "widths": list(widths), "executed_flops": int(flops),
                    "flop_ratio": ref_flops / max(flops, 1), "note": note, "latency": {}}
+            if getattr(model, "kernel_status", None):
+                row["note"] += f"; {model.kernel_status}"
             for b in batch_sizes:
                 x = inputs[b]
                 if isinstance(model, OnnxModel):
@@ -552,7 +627,8 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
                     fn = (lambda m=model, xn=xn: m.run_numpy(xn))
                 else:
                     fn = (lambda m=model, x=x: m(x))
-                row["latency"][str(b)] = measure_latency(fn, warmup=warmup, repeats=repeats)
+                row["latency"][str(b)] = lat = measure_latency(fn, warmup=warmup, repeats=repeats)
+                lat["gflops"] = flops * b / (lat["median_ms"] * 1e6)
             if name != "dense reference":
                 with torch.inference_mode():
                     x = inputs[batch_sizes[-1]]
@@ -584,7 +660,7 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
                   "flops": {"dense_reference": ref_flops, "nonzero": nnz_flops,
                             "nonzero_ratio": ref_flops / max(nnz_flops, 1)},
                   "storage": [layer.spec() for layer in compact.layers],
-                  "onnx": onnx_note, "variants": rows, "file_bytes": files, "deep_compression": deep,
+                  "onnx": onnx_note, "ckernel": c_note, "variants": rows, "file_bytes": files, "deep_compression": deep,
                   "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                   "machine": platform.machine(), "processor": platform.processor()}}
         if _onnx_available():
@@ -613,6 +689,8 @@ def format_inference_table(result: dict) -> str:
                  f"{result['threads']} thread(s), {result['repeats']} repeats after warm-up.")
     if result.get("onnx"):
         lines.append(f"ONNX: {result['onnx']}")
+    if result.get("ckernel"):
+        lines.append(f"C kernel: {result['ckernel']}")
     lines.append("file sizes: " + ", ".join(f"{k} {v:,} B" for k, v in result["file_bytes"].items()
                                             if v is not None))
     deep = result.get("deep_compression")
