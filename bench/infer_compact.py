@@ -7,9 +7,10 @@
 On a finished run (default bench/runs/lenet300_mnist/seed0, see bench/lenet300_mnist.py
 and bench/lenet5_mnist.py) it runs
 ``nestsynth export`` (pytorch with ``--sparse auto`` timed at batch 1 and at batch 256,
-safetensors, onnx), ``nestsynth evaluate`` on every artifact and ``nestsynth bench-infer``
-on both PyTorch artifacts (latency at batch 1, 64, 256 of the dense reference, the
-masked model, the compact model and the ONNX model in onnxruntime), then writes
+safetensors, onnx, c), ``nestsynth evaluate`` on every loadable artifact and ``nestsynth
+bench-infer`` on both PyTorch artifacts (latency at batch 1, 64, 256 of the dense
+reference, the masked model, the compact model, every layer in the generated C kernel
+and the ONNX model in onnxruntime), then writes
 bench/results/infer_NAME.json and .md (NAME: the run's directory, e.g. lenet300_mnist).
 Runs in about a minute (LeNet-300-100) or a few minutes (LeNet-5).
 """
@@ -49,12 +50,13 @@ def latency_table(bench: dict, title: str) -> list[str]:
     bs = bench["batch_sizes"]
     lines = [f"#### {title}", "",
              "| model | executed FLOPs | FLOP ratio | " + " | ".join(
-                 f"batch {b}: median ms [IQR] | speedup" for b in bs) + " |",
-             "|---|---:|---:|" + "---:|---:|" * len(bs)]
+                 f"batch {b}: median ms [IQR] | speedup" for b in bs) + f" | GFLOP/s at {bs[-1]} |",
+             "|---|---:|---:|" + "---:|---:|" * len(bs) + "---:|"]
     for v in bench["variants"]:
         cells = " | ".join(f"{v['latency'][str(b)]['median_ms']:.4f} [{v['latency'][str(b)]['iqr_ms']:.4f}] | "
                            f"{v['latency'][str(b)]['speedup']:.2f}×" for b in bs)
-        lines.append(f"| {v['name']} | {v['executed_flops']:,} | {v['flop_ratio']:.1f}× | {cells} |")
+        lines.append(f"| {v['name']} | {v['executed_flops']:,} | {v['flop_ratio']:.1f}× | {cells} | "
+                     f"{v['latency'][str(bs[-1])]['gflops']:.1f} |")
     fl = bench["flops"]
     names = layer_names(bench["storage"])
     lines += ["", f"Per-layer storage: " + ", ".join(
@@ -92,8 +94,11 @@ def main() -> None:
                             "--out", out / "compact.safetensors"] + data + t + tol, args.threads),
         "onnx": cli(["export", run, "--format", "onnx", "--out", out / "compact.onnx"] + data + t + tol,
                     args.threads),
+        "c": cli(["export", run, "--format", "c", "--compile-check", "require", "--out", out / "compact.c"]
+                 + data + t + tol, args.threads),
     }
-    evaluations = {k: cli(["evaluate", e["artifact"]] + data, args.threads) for k, e in exports.items()}
+    evaluations = {k: cli(["evaluate", e["artifact"]] + data, args.threads) for k, e in exports.items() if k != "c"}
+    evaluations["c"] = {"test_error": exports["c"]["test_error_compact"]}  # the C output matched within the bound
     benches = {}
     for key, name in (("auto_b1", "compact.pt"), ("auto_b256", "compact_b256.pt")):
         benches[key] = cli(["bench-infer", out / name, "--onnx", out / "compact.onnx", "--repeats", args.repeats,
@@ -119,7 +124,7 @@ def main() -> None:
     lines.append(f"| masked model.pt ({masked_kind}) | {100 * exports['onnx']['test_error_masked']:.2f} | – | "
                  f"{exports['onnx']['source_model_bytes']:,} |")
     for key, e in exports.items():
-        diff = e.get("max_abs_diff_onnx_vs_masked", e["max_abs_diff"])
+        diff = e.get("max_abs_diff_onnx_vs_masked", e.get("max_abs_diff_c_vs_masked", e["max_abs_diff"]))
         size = sum(e["files"].values())
         lines.append(f"| {Path(e['artifact']).name} ({key}) | {100 * evaluations[key]['test_error']:.2f} | "
                      f"{diff:.2e} | {size:,} |")

@@ -10,6 +10,10 @@ the dense 784-300-100-10 in PyTorch:
 * PyTorch CSR, sparse @ dense with feature-major activations (what ``--sparse csr`` runs);
 * PyTorch dense @ CSR(W^T) and COO ``sparse.addmm``;
 * scipy CSR, feature-major;
+* the generated C kernel (``--sparse ckernel``, :mod:`nestsynth.export.ckernel`): every
+  layer in one call, tile 32, with ``-O3 -march=native`` (what ``auto`` builds), with the
+  portable ``-O3`` only, with plain C99 loops (``-DNEST_PLAIN_C``, no GNU C vectors), and
+  with tiles of 8 and 128 samples;
 * onnxruntime, dense compact widths, and the dense reference in onnxruntime (when installed).
 
 Writes bench/results/sparse_kernels.{json,md}.  Effective GFLOP/s = non-zero FLOPs of
@@ -55,14 +59,15 @@ def median_ms(fn, repeats: int, min_sample_s: float = 2e-3) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--artifact", default=str(ROOT / "bench" / "runs" / "lenet300_mnist" / "seed0" / "export"
-                                              / "compact.pt"))
+    ap.add_argument("--artifact", default=str(ROOT / "bench" / "runs" / "curves_lenet300" / "nest" / "size3000"
+                                              / "seed0" / "export" / "compact.pt"))
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     args = ap.parse_args()
     torch.set_num_threads(1)
     import scipy.sparse as sp
 
+    from nestsynth.export.ckernel import CKernel
     from nestsynth.export.formats import load_pytorch, onnx_bytes, OnnxModel
 
     model = load_pytorch(Path(args.artifact))
@@ -133,6 +138,14 @@ def main() -> None:
                ("compact, dense @ CSR(W^T) (PyTorch)", run_dense_csr, 2 * nnz, "sparse"),
                ("compact, COO sparse.addmm (PyTorch)", run_coo, 2 * nnz, "sparse"),
                ("compact, CSR feature-major (scipy)", run_scipy, 2 * nnz, "sparse")]
+    c_variants = [("-O3 -march=native, tile 32 (auto's build)", 32, ("-O3", "-march=native")),
+                  ("-O3 only (portable)", 32, ("-O3",)),
+                  ("-O3 -march=native, plain C99 loops", 32, ("-O3", "-march=native", "-DNEST_PLAIN_C")),
+                  ("-O3 -march=native, tile 8", 8, ("-O3", "-march=native")),
+                  ("-O3 -march=native, tile 128", 128, ("-O3", "-march=native"))]
+    for name, tile, flags in c_variants:
+        kernel = CKernel(model.layers, model.raw_input_shape(), idx, tile=tile, flag_sets=(flags,))
+        kernels.append((f"compact, generated C kernel, {name}", kernel, 2 * nnz, "sparse"))
     try:
         from nestsynth.export.pipeline import dense_reference_model
 

@@ -445,12 +445,17 @@ PRELUDE = r"""#include <stddef.h>
 #ifndef NEST_TILE
 #define NEST_TILE {tile}
 #endif
-/* GNU C vectors (gcc, clang) for full tiles; -DNEST_PLAIN_C keeps plain C99 loops. */
+/* GNU C vectors (gcc, clang) for full tiles, 8 floats with AVX, else 4 (SSE, NEON);
+ * -DNEST_PLAIN_C keeps plain C99 loops. */
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(NEST_PLAIN_C) && NEST_TILE % 8 == 0
 #define NEST_VECTOR 1
+#ifdef __AVX__
 #define NEST_VL 8
-typedef float nest_vf __attribute__((vector_size(32), may_alias, aligned(4)));
-typedef int nest_vi __attribute__((vector_size(32), may_alias, aligned(4)));
+#else
+#define NEST_VL 4
+#endif
+typedef float nest_vf __attribute__((vector_size(NEST_VL * 4), may_alias, aligned(4)));
+typedef int nest_vi __attribute__((vector_size(NEST_VL * 4), may_alias, aligned(4)));
 #if defined(__clang__) || __GNUC__ >= 12
 #define NEST_SHUF(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
 #else
@@ -471,7 +476,7 @@ static void nest_gather_in(const float *restrict x, int m, float *restrict buf, 
   }
 }
 
-#if defined(NEST_VECTOR) && NEST_GATHER_IDENTITY
+#if defined(NEST_VECTOR) && NEST_VL == 8 && NEST_GATHER_IDENTITY
 /* The same for a full tile when row r is input r: 8 x 8 blocks transposed in registers. */
 static void nest_gather_full(const float *restrict x, float *restrict buf) {
   int c = 0;
@@ -677,17 +682,18 @@ class CKernel:
         tile: ``NEST_TILE`` of the build.
         source: the C text to build (default: :func:`c_source` of the layers); e.g. the
             ``--format c`` artifact of the same layers, to check exactly what was written.
+        flag_sets: compiler flag sets to try, in order (see :data:`FLAG_SETS`).
 
     Raises:
         KernelUnavailable: an activation without a C form, no compiler, a failed build.
     """
 
     def __init__(self, layers, in_shape, input_index: torch.Tensor | None = None, tile: int = TILE,
-                 source: str | None = None):
+                 source: str | None = None, flag_sets=FLAG_SETS):
         self.plan = plan_layers(list(layers), in_shape, input_index)
         self.tile = int(tile)
         self.source = source if source is not None else c_source(self.plan, self.tile)
-        self.path, self.flags = build(self.source)
+        self.path, self.flags = build(self.source, flag_sets=flag_sets)
         try:
             lib = ctypes.CDLL(str(self.path))
         except OSError as exc:
