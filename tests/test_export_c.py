@@ -65,6 +65,11 @@ def test_cli_c_export_is_checked_and_every_artifact_records_the_input_contract(d
 
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as fh:
         assert json.loads(fh.metadata()["input_contract"]) == contract
+    pytest.importorskip("onnxruntime")
+    rc, _, err = _call(["export", run, "--format", "onnx", "--out", tmp_path / "m.onnx"])
+    assert rc == 0, err
+    session = load_artifact(tmp_path / "m.onnx").session
+    assert json.loads(session.get_modelmeta().custom_metadata_map["input_contract"]) == contract
 
 
 def test_c_export_errors_are_one_sentence(digits_run, monkeypatch, tmp_path):

@@ -199,11 +199,11 @@ def compact_graph_from_sparse(model: SparseGraph, storage: str = "auto", batch_s
         :func:`nestsynth.export.compact.compact_from_sparse`'s info.
 
     Raises:
-        NestError: ``storage = "csr"``.
+        NestError: ``storage`` ``"csr"`` or ``"ckernel"``.
     """
-    if storage == "csr":
-        raise NestError("a graph network is exported with dense layers only (CSR is for MLP and sequential CNN "
-                        "runs); use --sparse auto or dense.")
+    if storage in ("csr", "ckernel"):
+        raise NestError(f"a graph network is exported with dense layers only ({storage} is for MLP and sequential "
+                        "CNN runs); use --sparse auto or dense.")
     work = copy.deepcopy(model).eval()
     work.zero_dormant()
     x = torch.zeros(1, *work.input_shape, device=work.layers[0].weight.device)
