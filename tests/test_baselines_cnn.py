@@ -22,7 +22,7 @@ from nestsynth.api import resolve_reference
 from nestsynth.baselines.context import MethodContext
 from nestsynth.baselines.magnitude import run_han, run_oneshot
 from nestsynth.baselines.registry import get_method
-from nestsynth.baselines.regularized import L0Gates, gated_layer
+from nestsynth.pruning.gates import L0Gates, gated_layer
 from nestsynth.baselines.runner import run_method
 from nestsynth.baselines.saliency import snip_scores
 from nestsynth.compress import compress_run, share_weights, storage_report

@@ -9,9 +9,8 @@ import torch
 
 from nest_helpers import sparse_model
 from nestsynth.baselines.context import MethodContext
-from nestsynth.baselines.regularized import (
-    BETA, GAMMA, ZETA, L0Gates, deterministic_gate, hard_concrete_sample, insensitivity_decay,
-    prob_nonzero, sensitivity, threshold_prune)
+from nestsynth.baselines.regularized import insensitivity_decay, sensitivity, threshold_prune
+from nestsynth.pruning.gates import BETA, GAMMA, ZETA, L0Gates, deterministic_gate, hard_concrete_sample, prob_nonzero
 from nestsynth.config import from_dict
 from nestsynth.errors import NestError
 from nestsynth.pruning import cubic_count
@@ -260,7 +259,7 @@ def test_config_rejects_out_of_range_values(method, key, value):
 
 
 def test_l0_size_control_raises_lam_above_the_goal_and_lowers_it_below():
-    from nestsynth.baselines.regularized import L0Gates, L0SizeControl
+    from nestsynth.pruning.gates import L0Gates, L0SizeControl
     from nestsynth.sparse import SparseMLP
 
     model = SparseMLP([6, 5, 3])
@@ -277,7 +276,7 @@ def test_l0_size_control_raises_lam_above_the_goal_and_lowers_it_below():
 
 
 def test_keep_most_open_keeps_exactly_the_largest_log_alpha():
-    from nestsynth.baselines.regularized import L0Gates, _keep_most_open, deterministic_gate
+    from nestsynth.pruning.gates import L0Gates, deterministic_gate, keep_most_open
     from nestsynth.sparse import SparseMLP
 
     gen = torch.Generator().manual_seed(1)
@@ -285,7 +284,7 @@ def test_keep_most_open_keeps_exactly_the_largest_log_alpha():
     w0 = [layer.weight.detach().clone() for layer in model.layers]
     la = [torch.randn(layer.weight.shape, generator=gen) * 3 for layer in model.layers]
     gates = L0Gates(model, la)
-    _keep_most_open(gates, 7)
+    keep_most_open(gates, 7)
     flat = torch.cat([a.flatten() for a in la])
     threshold = flat.sort(descending=True).values[6]
     for layer, a, w in zip(model.layers, la, w0):

@@ -123,24 +123,17 @@ Neural Networks via Sensitivity-Driven Regularization" (NeurIPS 2018); seed 003.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
 from ..config import check
+from ..pruning.gates import BETA, L0Gates, L0SizeControl, keep_most_open
 from ..sparse import SparseMLP, set_mask
 from .context import mlp_only
 from .magnitude import steps_per_epoch
 from .registry import register_method
-
-# Hard concrete stretch interval (gamma, zeta) and default temperature (Louizos et al., 2018).
-GAMMA, ZETA, BETA = -0.1, 1.1, 2.0 / 3.0
-_U_EPS = 1e-6  # u is kept in [eps, 1 - eps] so that log u and log(1 - u) stay finite
-
 
 # ============================================================================ L0
 @dataclass
@@ -167,165 +160,11 @@ class L0Config:
         check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "non-negative")
 
 
-def hard_concrete_sample(log_alpha: torch.Tensor, u: torch.Tensor, beta: float = BETA) -> torch.Tensor:
-    """Gates ``z = min(1, max(0, s * (zeta - gamma) + gamma))`` for uniform noise ``u``.
-
-    Args:
-        log_alpha: gate parameters (any shape).
-        u: uniform noise of the same shape (clamped to [1e-6, 1 - 1e-6]).
-        beta: temperature.
-
-    Returns:
-        z in [0, 1], differentiable in ``log_alpha``.
-    """
-    s = torch.sigmoid((torch.logit(u, eps=_U_EPS) + log_alpha) / beta)  # logit(u) = log u - log(1 - u)
-    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-
-
-def prob_nonzero(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
-    """``P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))``, the expected L0 per gate."""
-    return torch.sigmoid(log_alpha - beta * math.log(-GAMMA / ZETA))
-
-
-def deterministic_gate(log_alpha: torch.Tensor) -> torch.Tensor:
-    """Deterministic test-time gate ``min(1, max(0, sigmoid(log_alpha) * (zeta - gamma) + gamma))``."""
-    return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-
-
-
-
-def gated_layer(layer, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``layer``'s pre-normalisation output computed with ``weight`` instead of ``W * M``.
-
-    The layer's own forward runs with ``weight`` and a full mask in place of its tensors
-    (``torch.func.functional_call``), so its bias, stride, padding, dilation and area mask
-    apply as they do in the layer.
-
-    Args:
-        layer: a MaskedLinear or MaskedConv2d.
-        weight: (out, in) or (out, in, k, k) weights, e.g. ``W * M * z``.
-        x: (B, in) or (B, in, H, W) input.
-
-    Returns:
-        (B, out) or (B, out, H', W'): as ``layer(x)`` with the given weights.
-    """
-    return functional_call(layer, {"weight": weight, "mask": torch.ones_like(layer.mask)}, (x,))
-
-
-class L0Gates(nn.Module):
-    """A SparseMLP, SparseCNN or SparseGraph computed with hard-concrete-gated weights ``W * M * z``.
-
-    ``log_alpha`` of layer i is ``scale * theta[i]`` (see the module docstring for
-    why a scale).  In train mode each forward draws fresh gates; in eval mode it
-    uses the test-time gates.  The network's own forward runs with every layer's mask
-    ``M`` replaced by ``M * z`` (``torch.func.functional_call``): since ``M`` is 0/1, its
-    layers compute ``W * (M * z) = W * M * z``, whatever the network's structure.
-
-    Args:
-        model: the network whose weights are gated (trained in place).
-        log_alpha: initial log_alpha per layer, each of the layer's weight shape.
-        beta: temperature.
-        scale: log_alpha = scale * theta.
-        generator: source of the gate noise.
-    """
-
-    def __init__(self, model: SparseMLP, log_alpha: list[torch.Tensor], beta: float = BETA,
-                 scale: float = 1.0, generator: torch.Generator | None = None):
-        super().__init__()
-        self.model, self.beta, self.scale, self.generator = model, beta, scale, generator
-        self.theta = nn.ParameterList(nn.Parameter(la.detach().clone() / scale) for la in log_alpha)
-
-    def log_alpha(self, i: int) -> torch.Tensor:
-        return self.theta[i] * self.scale
-
-    def gate(self, i: int) -> torch.Tensor:
-        """Layer i's gates (its weight shape): a fresh sample in train mode, ``z_hat`` in eval mode."""
-        la = self.log_alpha(i)
-        if not self.training:
-            return deterministic_gate(la)
-        u = torch.rand(la.shape, generator=self.generator).to(la.device)
-        return hard_concrete_sample(la, u, self.beta)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, *input_shape) -> (B, classes)
-        paths = {id(module): name for name, module in self.model.named_modules()}
-        masks = {f"{paths[id(layer)]}.mask": layer.mask * self.gate(i) for i, layer in enumerate(self.model.layers)}
-        return functional_call(self.model, masks, (x,))
-
-    def expected_l0(self) -> torch.Tensor:
-        """Sum over active connections of P(z != 0) (a scalar tensor)."""
-        return sum((prob_nonzero(self.log_alpha(i), self.beta) * layer.mask).sum()
-                   for i, layer in enumerate(self.model.layers))
-
-    def penalty(self, lam: float, n_train: int, weight_decay: float = 0.0) -> torch.Tensor:
-        """``(1/N) * sum_j P(z_j != 0) * (lam + 0.5 * weight_decay * w_j**2)`` (paper Eq. 3 + its L2)."""
-        total = 0.0
-        for i, layer in enumerate(self.model.layers):
-            cost = lam + 0.5 * weight_decay * layer.weight.pow(2) if weight_decay > 0 else lam
-            total = total + (prob_nonzero(self.log_alpha(i), self.beta) * layer.mask * cost).sum()
-        return total / n_train
-
-    @torch.no_grad()
-    def fold_into(self, model: SparseMLP) -> SparseMLP:
-        """Fold the test-time gates into ``model`` (this one's network or a copy of it).
-
-        mask <- mask * (z_hat > 0), weight <- weight * z_hat.
-
-        Returns:
-            ``model``, now equal to this module's eval-mode network.
-        """
-        for i, layer in enumerate(model.layers):
-            z_hat = deterministic_gate(self.log_alpha(i))
-            layer.weight.mul_(z_hat)
-            set_mask(layer, layer.mask * (z_hat > 0).to(layer.mask.dtype))
-        return model
-
-    def deterministic_model(self) -> SparseMLP:
-        """A gated copy of the network (for logging; the network itself is untouched)."""
-        return self.fold_into(copy.deepcopy(self.model))
-
-
 def _l0_optimizer(ctx, gates: L0Gates):
     """``[train]``'s optimizer for the network, plus log_alpha's group without weight decay."""
     opt = ctx.optimizer(gates.model)
     opt.add_param_group({"params": list(gates.theta), "weight_decay": 0.0})
     return opt
-
-
-class L0SizeControl:
-    """``after_step`` hook that steers L0's lam to a size (``[methods.l0] target_weights``).
-
-    Louizos et al. choose lam and take the size it gives.  To compare methods at equal
-    size, lam is instead adjusted after every optimizer step, multiplicatively, by how far
-    the expected L0 is from a goal that falls on a cubic schedule
-    from the dense count to the target over the first two thirds of training (as gradual
-    pruning's does) and then stays there: ``lam *= exp(gain * clip(E[L0] / goal - 1, -1, 1))``.
-    The expected L0 (the penalty's own measure) is steered rather than the count of open
-    test-time gates because it answers at once, where the count lags and makes lam
-    overshoot; a closed gate gets no gradient from the data, so an overshoot cannot be
-    undone.  A Lagrangian-style controller, like the target-sparsity control of later L0 work.
-
-    Args:
-        gates: the gated network.
-        lam: the starting lam.
-        target: weights the test-time gates should keep at the end.
-        steps: optimizer steps of the whole training.
-        gain: the controller's step.
-    """
-
-    def __init__(self, gates: L0Gates, lam: float, target: int, steps: int, gain: float):
-        from ..pruning import cubic_count
-
-        self.gates, self.lam, self.gain, self.step = gates, max(lam, 1e-6), gain, 0
-        start = sum(int(layer.mask.sum()) for layer in gates.model.layers)
-        sched = max(1, round(2 * steps / 3))
-        self.goal = lambda t: max(1, cubic_count(t, start, min(target, start), sched))
-
-    def __call__(self) -> None:
-        with torch.no_grad():
-            ratio = float(self.gates.expected_l0()) / self.goal(self.step)
-        self.lam *= math.exp(self.gain * min(max(ratio - 1.0, -1.0), 1.0))
-        self.lam = min(max(self.lam, 1e-6), 1e9)
-        self.step += 1
 
 
 @register_method("l0", L0Config, "L0 regularization with hard concrete gates per weight (Louizos et al., 2018)")
@@ -368,30 +207,11 @@ def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
     if control is None:
         gates.fold_into(model)
     else:
-        _keep_most_open(gates, mcfg.target_weights)
+        keep_most_open(gates, mcfg.target_weights)
         ctx.log("project", gated_epochs, model)
         ctx.train(model, mcfg.epochs - gated_epochs)
     ctx.log("final", mcfg.epochs, model)
     return model
-
-
-@torch.no_grad()
-def _keep_most_open(gates: L0Gates, keep: int) -> None:
-    """Fold the gates, keeping exactly ``keep`` weights: those with the largest log_alpha.
-
-    A kept weight is ``w * z_hat``, or ``w`` where its test-time gate ``z_hat`` is 0.
-    """
-    from ..pruning import prune_smallest_global
-
-    layers = gates.model.layers
-    scores = [gates.log_alpha(i).detach() for i in range(len(layers))]
-    masks = [layer.mask for layer in layers]
-    live = sum(int(m.sum()) for m in masks)
-    new = prune_smallest_global(scores, masks, live - keep, [1] * len(layers))
-    for i, (layer, mask) in enumerate(zip(layers, new)):
-        z_hat = deterministic_gate(scores[i])
-        layer.weight.mul_(torch.where(z_hat > 0, z_hat, torch.ones_like(z_hat)))
-        set_mask(layer, mask)
 
 
 # ==================================================================== sensitivity
