@@ -196,3 +196,89 @@ def test_final_regrow_prunes_below_the_target_and_grows_back(digits):
     fine = [r for r in syn.state.history if r["phase"] == "finetune"]
     assert len(fine) == 1 and fine[0]["regrown"] == 150 and fine[0]["accepted"]
     assert sum(layer.active_connections() for layer in model.layers) == 600
+
+
+# ------------------------------------------------------------------ pruning.criterion = "l0"
+def _l0_cfg(**pruning):
+    return small_cfg(growth={"target": "0.0", "max_iterations": 5, "epochs_per_iteration": 2, "max_epochs": 4},
+                     dense={"epochs": 1, "train": False},
+                     pruning={"criterion": "l0", "target_weights": 600, "budget_epochs": 12, "final_epochs": 1,
+                              "final_lr_scale": 1.0, "lr_schedule": "phase", "schedule_share": 0.7, "max_iterations": 100,
+                              **pruning})
+
+
+def test_l0_criterion_ends_at_the_target_within_the_budget(digits):
+    syn, model, report = _run(_l0_cfg(), digits)
+    h = syn.state.history
+    prune = [r for r in h if r["phase"] == "pruning"]
+    assert len(prune) == syn.state.prune_iterations == 12 - 4 - 1
+    # nothing is removed while the gates train: every row counts the open test-time gates of the full model
+    assert all(r["accepted"] and r["lam"] > 0 for r in prune)
+    assert prune[-1]["expected_l0"] < prune[0]["expected_l0"]
+    project = [r for r in h if r["phase"] == "project"]
+    assert len(project) == 1 and project[0]["weights"] <= 600  # grown-back connections start at weight 0
+    assert [r["phase"] for r in h][-1] == "finetune" and h[-1]["accepted"]
+    assert sum(layer.active_connections() for layer in model.layers) == 600
+    assert syn.state.epochs == 12 and report["pruning"]["stop_reason"] == "target"
+    assert syn.gates is None and all(len(g["params"]) > 0 for g in syn.optimizer.param_groups)
+    assert len(syn.optimizer.param_groups) == 1  # the gates' group left with the gates
+
+
+def test_l0_criterion_projection_keeps_the_most_open_gates(digits):
+    """At the projection the kept connections are exactly the target's largest log_alpha
+    (checked against a sort of the gates the last pruning iteration left)."""
+    cfg = _l0_cfg(neurons=False)
+    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
+    seen = {}
+    real = syn._project_gates
+
+    def spy():
+        seen["la"] = [syn.gates.log_alpha(i).detach().clone() * layer.mask for i, layer in
+                      enumerate(syn.model.layers)]
+        seen["mask"] = [layer.mask.clone() for layer in syn.model.layers]
+        units = real()
+        seen["after"] = [layer.mask.clone() for layer in syn.model.layers]
+        return units
+
+    syn._project_gates = spy
+    syn.run()
+    live = torch.cat([la[m > 0] for la, m in zip(seen["la"], seen["mask"])])
+    cut = float(live.sort(descending=True).values[599])
+    kept = torch.cat([la[a > 0] for la, a in zip(seen["la"], seen["after"])])
+    assert len(kept) == 600 and float(kept.min()) >= cut
+
+
+def test_l0_criterion_resume_is_exact(digits, tmp_path):
+    from nestsynth import checkpoint as ckpt
+    from nestsynth.api import run_synthesis
+    from nest_helpers import interrupt_after
+
+    cfg = _l0_cfg()
+    ref = resolve_reference(cfg.model, digits)
+    model_a, _ = run_synthesis(cfg, digits, ref, tmp_path / "A")
+    with pytest.raises(KeyboardInterrupt):  # seed, 2 growth steps, then 2 gated iterations
+        run_synthesis(cfg, digits, ref, tmp_path / "B", on_iteration=interrupt_after(5))
+    assert torch.load(ckpt.checkpoint_path(tmp_path / "B"), weights_only=True)["gates"] is not None
+    model_b, _ = run_synthesis(cfg, digits, ref, tmp_path / "B", resume=True)
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_l0_criterion_on_a_cnn_hits_the_target(digits):
+    from test_synthesis_cnn import small_cnn_cfg
+
+    cfg = small_cnn_cfg(pruning={"criterion": "l0", "target_weights": 400, "schedule_steps": 4,
+                                 "schedule_share": 0.5, "final_epochs": 1, "max_iterations": 4})
+    syn, model, report = _run(cfg, digits)
+    assert sum(layer.active_connections() for layer in model.layers) == 400
+    assert report["pruning"]["stop_reason"] == "target"
+
+
+@pytest.mark.parametrize("bad, words", [({"target_weights": 0}, "pruning.target_weights"),
+                                        ({"rewire": 0.1}, "pruning.rewire"),
+                                        ({"criterion": "taylor"}, "magnitude or l0")])
+def test_l0_criterion_refuses_what_it_cannot_do(bad, words):
+    from nestsynth.errors import NestError
+
+    with pytest.raises(NestError, match=words):
+        _l0_cfg(**bad)

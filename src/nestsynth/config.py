@@ -141,6 +141,7 @@ class PruningConfig:
     guard: str = "warn"  # with target_weights: above the validation bound, warn (go on) or stop (keep the last good model)
     rewire: float = 0.0  # share of live connections dropped (smallest |W*|) and regrown (largest |dL/dw|) per iteration
     final_regrow: float = 0.0  # with target_weights: prune to (1 - r) of it, grow r back (Policy 1) before final_epochs
+    criterion: str = "magnitude"  # magnitude: smallest |W*| (Policy 4); l0: learned hard-concrete gates (see README)
 
 
 @dataclass
@@ -440,6 +441,13 @@ def validate(cfg: Config) -> None:
     _check(p.guard in ("warn", "stop"), "pruning.guard", p.guard, "warn or stop")
     _check(0 <= p.rewire < 1, "pruning.rewire", p.rewire, "in [0, 1)")
     _check(0 <= p.final_regrow < 1, "pruning.final_regrow", p.final_regrow, "in [0, 1)")
+    _check(p.criterion in ("magnitude", "l0"), "pruning.criterion", p.criterion, "magnitude or l0")
+    if p.criterion == "l0":
+        _check(p.target_weights > 0, "pruning.target_weights", p.target_weights,
+               '> 0 with pruning.criterion = "l0" (the gates are steered to a size)')
+        for key in ("rewire", "final_regrow"):
+            _check(getattr(p, key) == 0, f"pruning.{key}", getattr(p, key), '0 with pruning.criterion = "l0"')
+        _check(p.guard == "warn", "pruning.guard", p.guard, 'warn with pruning.criterion = "l0"')
     _check(g.max_epochs >= 0, "growth.max_epochs", g.max_epochs, ">= 0 (0: no cap)")
     _check(g.feature_maps_per_step >= 0, "growth.feature_maps_per_step", g.feature_maps_per_step, ">= 0")
     _check(g.map_candidates >= 1, "growth.map_candidates", g.map_candidates, ">= 1")

@@ -37,6 +37,8 @@ from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_
                      grow_neurons)
 from .growth.scores import scan_indices
 from .metrics import activation_density, layer_table, totals
+from .pruning import gates as G
+from .pruning.gates import BETA, L0Gates, L0SizeControl, keep_most_open
 from .pruning import (constant_rate_removal, cubic_count, effective_scores, erk_allocation, lamp_scores,
                       neurons_to_keep, output_statistics, prune_smallest_global, remove_neurons, split_removal)
 from .graph.network import KIND as GRAPH_KIND
@@ -126,6 +128,9 @@ class Synthesis:
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.accepted: dict | None = None
         self.area_removed = 0  # output positions removed by the current pruning step (CNNs)
+        # pruning.criterion = "l0": the gated network and its size controller while pruning runs
+        self.gates: L0Gates | None = None
+        self.gate_control: L0SizeControl | None = None
         self._last: dict | None = None
         self._clock = time.monotonic()
 
@@ -265,6 +270,9 @@ class Synthesis:
         layer at its floor) is a retraining step, not a rejection.
         """
         st, p = self.state, self.cfg.pruning
+        if p.criterion == "l0":
+            self._gated_step()
+            return
         t0 = time.monotonic()
         removed, neurons_removed, rewired = self._prune()
         window = (st.iteration * p.retrain_epochs, st.prune_iterations * p.retrain_epochs) \
@@ -323,6 +331,81 @@ class Synthesis:
         self.state.frozen.append(min(live, key=lambda i: (self.model.layers[i].active_connections(), -i)))
         return True
 
+    def _gated_step(self) -> None:
+        """One pruning iteration under ``pruning.criterion = "l0"`` (a deviation from the
+        paper's Policy 4, which ranks by |W*|): ``retrain_epochs`` of training with a hard
+        concrete gate on every live connection and the expected-L0 penalty of Louizos et
+        al., its lam steered after every step so the expected size follows the cubic size
+        schedule to ``target_weights`` over ``schedule_share`` of the iterations
+        (:class:`~nestsynth.pruning.gates.L0SizeControl`, as the ``l0`` baseline).  Nothing
+        is removed while the gates train; after the last iteration exactly
+        ``target_weights`` connections are kept, those with the most open gates, the
+        test-time gates are folded into the weights, weak or disconnected units are
+        removed and Policy 1 grows back what their removal took (:meth:`_project_gates`)."""
+        st, p = self.state, self.cfg.pruning
+        t0 = time.monotonic()
+        if self.gates is None:
+            d = G.DROPRATE
+            init = [math.log(1 - d) - math.log(d) + 0.01 * torch.randn(layer.weight.shape, generator=self.generator)
+                    for layer in self.model.layers]
+            self._attach_gates(init, G.LAM, 0)
+        window = (st.iteration * p.retrain_epochs, st.prune_iterations * p.retrain_epochs) \
+            if p.lr_schedule == "phase" else None
+        loss = self._train(self.gates, self.optimizer, p.retrain_epochs, self.generator, f"pruning {st.iteration}",
+                           p.lr_scale, window, penalty=self._gate_penalty, after_step=self.gate_control)
+        val = self._val(self.gates)
+        extra = {"expected_l0": round(float(self.gates.expected_l0().detach()), 1), "lam": self.gate_control.lam,
+                 "goal": self.gate_control.goal(self.gate_control.step)}
+        self._log("pruning", st.iteration, val=val, model=self.gates.deterministic_model(), loss=loss,
+                  seconds=time.monotonic() - t0, accepted=True, **extra)
+        st.iteration += 1
+        if st.iteration < st.prune_iterations:
+            return
+        units = self._project_gates()
+        val = self._val()
+        self._log("project", st.iteration, val=val, seconds=time.monotonic() - t0, pruned_neurons=units)
+        self.accepted, st.accepted_val, st.kept_iteration = self._model_state(), val, st.iteration - 1
+        self._end_pruning("target")
+
+    def _attach_gates(self, log_alpha: list[torch.Tensor], lam: float, step: int) -> None:
+        """Gate the model (``pruning.criterion = "l0"``): the gates' parameters join the
+        optimizer (without weight decay) and the size controller starts at ``lam`` after
+        ``step`` optimizer steps (0 for a new phase, more on resume)."""
+        p, st = self.cfg.pruning, self.state
+        scale = math.sqrt(G.LR_SCALE) if self.cfg.train.optimizer == "sgd" else G.LR_SCALE
+        self.gates = L0Gates(self.model, log_alpha, BETA, scale, self.generator).to(self.device)
+        self.optimizer.add_param_group({"params": list(self.gates.theta), "weight_decay": 0.0})
+        steps = st.prune_iterations * p.retrain_epochs * epoch_steps(self.cfg.train, len(self.X))
+        self.gate_control = L0SizeControl(self.gates, lam, p.target_weights, steps, G.GAIN, p.schedule_share)
+        self.gate_control.step = step
+
+    def _gate_penalty(self) -> torch.Tensor:
+        return self.gates.penalty(self.gate_control.lam, len(self.X))
+
+    def _gate_state(self) -> dict | None:
+        if self.gates is None:
+            return None
+        return {"theta": [t.detach().cpu().clone() for t in self.gates.theta],
+                "lam": self.gate_control.lam, "step": self.gate_control.step}
+
+    def _project_gates(self) -> list[int]:
+        """End of a gated phase: keep the ``target_weights`` most open gates and fold them
+        into the weights, then remove weak units and grow back by Policy 1 to the target.
+        The optimizer starts afresh for the fine-tuning (as the ``l0`` baseline's).
+
+        Returns:
+            Units removed per hidden layer.
+        """
+        target = self.cfg.pruning.target_weights
+        keep_most_open(self.gates, target)
+        self.gates = self.gate_control = None
+        self.optimizer = make_optimizer(self.model, self.cfg.train, self.state.lr_scale)
+        units = self.units.prune()
+        short = target - self._live()
+        if short > 0:
+            self._grow_by_gradient(short)
+        return units
+
     def _finetune_step(self) -> None:
         st, p = self.state, self.cfg.pruning
         regrown = self._top_up(p.target_weights) if p.final_regrow > 0 and p.target_weights > 0 else 0
@@ -331,7 +414,8 @@ class Synthesis:
             loss = self._train(self.model, self.optimizer, p.final_epochs, self.generator, "fine-tuning",
                                p.final_lr_scale)
             val = self._val()
-            keep = val <= st.accepted_val or regrown > 0  # a regrown run ends at its size
+            # a regrown run ends at its size; a gated one was fitted to it only by the projection
+            keep = val <= st.accepted_val or regrown > 0 or p.criterion == "l0"
             self._log("finetune", 0, val=val, loss=loss, seconds=time.monotonic() - t0, accepted=keep,
                       **({"regrown": regrown} if regrown else {}))
             if keep:
@@ -530,11 +614,13 @@ class Synthesis:
                                         scale=(d.scale_min, d.scale_max), shear=d.shear)
 
     def _train(self, model, optimizer, epochs: int, generator, desc: str, lr_scale: float = 1.0,
-               window: tuple[int, int] | None = None) -> float | None:
+               window: tuple[int, int] | None = None, penalty: Callable[[], torch.Tensor] | None = None,
+               after_step: Callable[[], None] | None = None) -> float | None:
         """``epochs`` epochs at ``train.lr * lr_scale`` (times the rollback factor); with the
         cosine schedule every call is one annealing cycle, so each validation check sees
         an annealed model -- or, with ``window = (first, total)``, epochs first.. of one
-        cycle of ``total`` epochs (``pruning.lr_schedule = "phase"``)."""
+        cycle of ``total`` epochs (``pruning.lr_schedule = "phase"``).  ``penalty`` and
+        ``after_step`` are passed to :func:`train_epoch`."""
         from tqdm.auto import tqdm
 
         t = self.cfg.train
@@ -549,7 +635,8 @@ class Synthesis:
                 lr_at = (lambda b, k=start: cosine_lr(k * per_epoch + b, total * per_epoch, lr, t.min_lr_scale)) \
                     if t.schedule == "cosine" else (lambda b: lr)
                 loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, generator,
-                                   self._augment(generator), bar.update, lr_at, steps=per_epoch)
+                                   self._augment(generator), bar.update, lr_at, penalty=penalty,
+                                   after_step=after_step, steps=per_epoch)
                 self.state.epochs += 1
         return loss
 
@@ -587,6 +674,7 @@ class Synthesis:
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "generator": self.generator.get_state(),
                 "accepted": self.accepted,
+                "gates": self._gate_state(),
                 "state": copy.deepcopy(st.__dict__)}
 
     def _save(self) -> None:
@@ -603,6 +691,13 @@ class Synthesis:
     def _restore(self, c: dict) -> None:
         self.state = LoopState(**copy.deepcopy(c["state"]))
         self._load_model_state(c)
+        self.gates = self.gate_control = None
+        if c.get("gates"):  # a gated pruning phase: its parameters are in the optimizer state
+            g = c["gates"]
+            self._attach_gates([torch.zeros_like(t) for t in g["theta"]], g["lam"], g["step"])
+            with torch.no_grad():  # theta itself: log_alpha / scale would not round-trip exactly
+                for theta, saved in zip(self.gates.theta, g["theta"]):
+                    theta.copy_(saved)
         self.optimizer.load_state_dict(copy.deepcopy(c["optimizer"]))  # may alias; Adam steps in place
         self.generator.set_state(c["generator"])
         self.accepted = c["accepted"]

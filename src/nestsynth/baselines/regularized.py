@@ -129,6 +129,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import check
+from ..pruning import gates as G
 from ..pruning.gates import BETA, L0Gates, L0SizeControl, keep_most_open
 from ..sparse import SparseMLP, set_mask
 from .context import mlp_only
@@ -140,14 +141,14 @@ from .registry import register_method
 class L0Config:
     """Hyperparameters of ``l0`` (section ``[methods.l0]``)."""
 
-    lam: float = 0.3  # penalty per expected non-zero weight, times 1/N (paper: 0.1)
+    lam: float = G.LAM  # penalty per expected non-zero weight, times 1/N (paper: 0.1)
     epochs: int = 40
-    init_droprate: float = 0.5  # initial log_alpha = log(1 - p) - log(p)
+    init_droprate: float = G.DROPRATE  # initial log_alpha = log(1 - p) - log(p)
     temperature: float = BETA  # beta of the hard concrete distribution
-    gate_lr_scale: float = 10.0  # learning rate of log_alpha relative to the weights'
+    gate_lr_scale: float = G.LR_SCALE  # learning rate of log_alpha relative to the weights'
     weight_decay: float = 0.0  # gate-weighted L2 (the paper's prior precision); 0 = off
     target_weights: int = 0  # > 0: lam is steered so the test-time gates keep this many weights (see run_l0)
-    target_gain: float = 0.01  # with target_weights: lam *= exp(gain * clip(expected / goal - 1, -1, 1)) per step
+    target_gain: float = G.GAIN  # with target_weights: lam *= exp(gain * clip(expected / goal - 1, -1, 1)) per step
 
     def validate(self, prefix: str) -> None:
         check(self.lam >= 0, f"{prefix}.lam", self.lam, "non-negative")

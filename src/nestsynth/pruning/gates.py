@@ -21,6 +21,13 @@ from ..sparse import SparseMLP, set_mask
 from .magnitude import prune_smallest_global
 from .schedules import cubic_count
 
+# Defaults of the gated training (the ``l0`` baseline's [methods.l0] and NeST's
+# pruning.criterion = "l0"; why these values: nestsynth.baselines.regularized).
+LAM = 0.3  # penalty per expected non-zero weight, times 1/N (paper: 0.1)
+DROPRATE = 0.5  # initial log_alpha = log(1 - p) - log(p)
+LR_SCALE = 10.0  # learning rate of log_alpha relative to the weights'
+GAIN = 0.01  # L0SizeControl's step
+
 # Hard concrete stretch interval (gamma, zeta) and default temperature (Louizos et al., 2018).
 GAMMA, ZETA, BETA = -0.1, 1.1, 2.0 / 3.0
 _U_EPS = 1e-6  # u is kept in [eps, 1 - eps] so that log u and log(1 - u) stay finite
