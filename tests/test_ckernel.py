@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,19 @@ def test_a_kernel_run_after_pytorch_layers_and_the_compile_cache():
     source = model.segments()[1][2].source
     assert build(source)[0] == model.segments()[1][2].path         # the same source is not compiled twice
 
+
+
+@needs_cc
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="no POSIX ownership")
+def test_a_cached_library_others_could_write_is_not_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "private"))
+    source = "int nest_probe(void) { return 7; }\n"
+    path, _ = build(source)
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
+    assert build(source)[0] == path                                # cached, trusted
+    path.chmod(0o666)                                              # anyone could have replaced it
+    with pytest.raises(KernelUnavailable, match="writable by others"):
+        build(source)
 
 def test_missing_compiler_falls_back_with_a_recorded_reason(monkeypatch):
     monkeypatch.setenv(CC_ENV, "/nonexistent/cc")

@@ -607,6 +607,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path("~/.cache/nestsynth/kernels").expanduser())
 
 
+def _check_trusted(path: Path) -> None:
+    """Refuse a cache folder or library that another user could have written: a library
+    is loaded into the process, so it must be as trusted as the code itself.
+
+    Raises:
+        KernelUnavailable: ``path`` is not owned by this user or is group/world-writable.
+    """
+    if not hasattr(os, "getuid"):  # no POSIX ownership to check
+        return
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise KernelUnavailable(f"{str(path)!r} is not owned by this user or is writable by others, so its "
+                                f"kernels are not loaded (remove it, or set {CACHE_ENV} to a private folder).")
+
+
 def _host_key(cc: str) -> str:
     """What a compiled library depends on besides its source: compiler version and CPU flags."""
     try:
@@ -638,7 +653,9 @@ def build(source: str, what: str = "library", flag_sets=FLAG_SETS) -> tuple[Path
     """Compile ``source`` (a shared library, or ``what="program"`` with ``-DNEST_MAIN``), cached.
 
     The file is ``cache_dir()/<sha256 of source, flags, compiler version, CPU flags>.so``
-    (``.bin`` for a program), written atomically.
+    (``.bin`` for a program), written atomically; the folder is created private (0700), and
+    a folder or cached file that another user could have written is refused
+    (:func:`_check_trusted`).
 
     Returns:
         (path, the flags used).
@@ -655,9 +672,12 @@ def build(source: str, what: str = "library", flag_sets=FLAG_SETS) -> tuple[Path
         key = hashlib.sha256("\0".join([source, " ".join(flags + extra), host]).encode()).hexdigest()[:32]
         target = folder / f"{key}{'.so' if what == 'library' else '.bin'}"
         if target.is_file():
+            _check_trusted(folder)
+            _check_trusted(target)
             return target, flags
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _check_trusted(folder)
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
                 src = Path(tmp) / "kernel.c"
                 src.write_text(source)
