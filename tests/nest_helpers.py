@@ -63,3 +63,11 @@ def interrupt_after(n: int):
             raise KeyboardInterrupt
 
     return interrupt
+
+
+def mlp_context(cfg, data, widths):
+    """The run context of an MLP reference of ``widths`` (ReLU, no batch norm) on the CPU."""
+    from nestsynth.registry import ModelSpec
+    from nestsynth.run_context import RunContext
+
+    return RunContext(cfg, data, ModelSpec("mlp", tuple(widths)), device=torch.device("cpu"))

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from nest_helpers import mlp_context
 from nestsynth import config as C
 from nestsynth.api import resolve_reference
-from nestsynth.baselines.context import MethodContext
 from nestsynth.baselines.magnitude import run_han, run_oneshot
 from nestsynth.baselines.registry import get_method
 from nestsynth.pruning.gates import L0Gates, gated_layer
@@ -28,6 +28,7 @@ from nestsynth.baselines.saliency import snip_scores
 from nestsynth.compress import compress_run, share_weights, storage_report
 from nestsynth.errors import NestError
 from nestsynth.report.summary import load_model
+from nestsynth.run_context import RunContext
 from nestsynth.sparse import MaskedConv2d, SparseCNN
 from test_cli import _call, _one_error_line
 
@@ -61,7 +62,7 @@ def _cfg(method: str, **mcfg):
 
 def _ctx(method, digits, tiny, **mcfg):
     cfg = _cfg(method, **mcfg)
-    ctx = MethodContext(cfg, digits, tiny.widths, "relu", False, torch.device("cpu"), spec=tiny)
+    ctx = RunContext(cfg, digits, tiny, device=torch.device("cpu"))
     return ctx, getattr(cfg.methods, method)
 
 
@@ -95,7 +96,7 @@ def test_context_builds_the_spec(digits, tiny):
     assert isinstance(model, SparseCNN) and model.widths == [1, 8, 16, 32, 10] and ctx.is_cnn
     assert [layer.weight.numel() for layer in model.layers] == LAYER_WEIGHTS
     # the MLP path is unchanged
-    mlp = MethodContext(_cfg("dense"), digits, [64, 16, 10], "relu", False, torch.device("cpu"))
+    mlp = mlp_context(_cfg("dense"), digits, [64, 16, 10])
     assert type(mlp.dense_model()).__name__ == "SparseMLP" and not mlp.is_cnn
 
 

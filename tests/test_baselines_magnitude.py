@@ -7,24 +7,24 @@ import math
 
 import pytest
 import torch
-from nest_helpers import sparse_model
+from nest_helpers import mlp_context, sparse_model
 
 from nestsynth.baselines import magnitude as mag
-from nestsynth.baselines.context import MethodContext
 from nestsynth.baselines.registry import get_method, list_methods
 from nestsynth.config import from_dict
 from nestsynth.errors import NestError
+from nestsynth.run_context import RunContext
 from nestsynth.sparse import SparseMLP
 
 WIDTHS = [64, 32, 16, 10]
 SIZES = [64 * 32, 32 * 16, 16 * 10]
 
 
-def make_ctx(digits, name: str, options: dict, seed: int = 0) -> MethodContext:
+def make_ctx(digits, name: str, options: dict, seed: int = 0) -> RunContext:
     """A context for method ``name`` on digits with a small reference net."""
     cfg = from_dict({"method": name, "seed": seed, "train": {"batch_size": 64},
                      "methods": {name: options}})
-    return MethodContext(cfg, digits, WIDTHS, "relu", False, torch.device("cpu"))
+    return mlp_context(cfg, digits, WIDTHS)
 
 
 def run(digits, name: str, options: dict, seed: int = 0):
@@ -45,8 +45,8 @@ def is_subset(new: torch.Tensor, old: torch.Tensor) -> bool:
 # ---- registration ------------------------------------------------------------------------
 def test_methods_registered_in_order():
     names = [m.name for m in list_methods()]
-    expected = ["dense", "random", "han", "oneshot", "gradual", "lottery"]
-    assert names[:6] == expected
+    expected = ["nest", "dense", "random", "han", "oneshot", "gradual", "lottery"]
+    assert names[:7] == expected
 
 
 @pytest.mark.parametrize("name, options, key", [

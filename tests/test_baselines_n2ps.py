@@ -89,11 +89,11 @@ def test_insignificant_threshold_scale_and_min_neurons():
 
 
 def _ctx(digits, **method):
-    from nestsynth.baselines.context import MethodContext
+    from nest_helpers import mlp_context
     from nestsynth.config import from_dict
 
     cfg = from_dict({"method": "n2ps", "train": {"batch_size": 64}, "methods": {"n2ps": method}})
-    return cfg, MethodContext(cfg, digits, [64, 32, 16, 10], "relu", False, torch.device("cpu"))
+    return cfg, mlp_context(cfg, digits, [64, 32, 16, 10])
 
 
 def test_run_n2ps_on_digits(digits):

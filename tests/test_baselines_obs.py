@@ -172,14 +172,14 @@ def test_config_validation():
 
 # ---- end to end on digits ------------------------------------------------------------------
 def test_run_lobs_on_digits(digits):
-    from nestsynth.baselines.context import MethodContext
+    from nest_helpers import mlp_context
     from nestsynth.baselines.registry import get_method
     from nestsynth.config import from_dict
 
     cfg = from_dict({"method": "lobs", "train": {"batch_size": 64},
                      "methods": {"lobs": {"dense_epochs": 1, "retrain_epochs": 1, "sparsity": 0.9,
                                           "output_sparsity": 0.5, "samples": 500}}})
-    ctx = MethodContext(cfg, digits, [64, 32, 16, 10], "relu", False, torch.device("cpu"))
+    ctx = mlp_context(cfg, digits, [64, 32, 16, 10])
     model = get_method("lobs").run(ctx, cfg.methods.lobs)
     numel = [64 * 32, 32 * 16, 16 * 10]
     expect = [round(numel[0] * 0.1), round(numel[1] * 0.1), round(numel[2] * 0.5)]

@@ -7,18 +7,18 @@ import math
 import pytest
 import torch
 
-from nest_helpers import sparse_model
-from nestsynth.baselines.context import MethodContext
+from nest_helpers import mlp_context, sparse_model
 from nestsynth.baselines.regularized import insensitivity_decay, sensitivity, threshold_prune
 from nestsynth.pruning.gates import BETA, GAMMA, ZETA, L0Gates, deterministic_gate, hard_concrete_sample, prob_nonzero
 from nestsynth.config import from_dict
 from nestsynth.errors import NestError
+from nestsynth.run_context import RunContext
 from nestsynth.pruning import cubic_count
 
 
-def _context(digits, method: str, mcfg: dict) -> MethodContext:
+def _context(digits, method: str, mcfg: dict) -> RunContext:
     cfg = from_dict({"method": method, "train": {"batch_size": 64}, "methods": {method: mcfg}})
-    return MethodContext(cfg, digits, [64, 32, 16, 10], "relu", False, torch.device("cpu"))
+    return mlp_context(cfg, digits, [64, 32, 16, 10])
 
 
 def _spread_gates(model, seed=0, low=-4.0, high=4.0) -> L0Gates:

@@ -146,11 +146,11 @@ def test_kept_count_rounds():
 
 # ---- end to end ---------------------------------------------------------------------
 def make_ctx(digits, name, **mcfg):
-    from nestsynth.baselines.context import MethodContext
+    from nest_helpers import mlp_context
     from nestsynth.config import from_dict
 
     cfg = from_dict({"method": name, "train": {"batch_size": 64}, "methods": {name: mcfg}})
-    return MethodContext(cfg, digits, [64, 32, 16, 10], "relu", False, torch.device("cpu")), cfg
+    return mlp_context(cfg, digits, [64, 32, 16, 10]), cfg
 
 
 @pytest.mark.parametrize("name", ["snip", "grasp"])

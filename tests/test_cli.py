@@ -166,11 +166,11 @@ def test_cli_second_synthesize_into_existing_run_refused(cli_run, capsys):
 def test_cli_interrupt_exit_130_then_resume_matches_uninterrupted(cli_run, tmp_path, monkeypatch):
     import torch
 
-    import nestsynth.api as api
+    import nestsynth.baselines.runner as runner
 
     ref_run, rc, _, _ = cli_run
     assert rc == 0
-    real = api.run_synthesis
+    real = runner.run_method
 
     def interrupted(*args, on_iteration=None, **kwargs):
         calls = []
@@ -185,11 +185,11 @@ def test_cli_interrupt_exit_130_then_resume_matches_uninterrupted(cli_run, tmp_p
         return real(*args, on_iteration=hook, **kwargs)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(api, "run_synthesis", interrupted)
+    monkeypatch.setattr(runner, "run_method", interrupted)
     rc, out, err = _call(["synthesize", "--config", QUICK, *SHORT, "--out", run, "--device", "cpu", "--quiet"])
     assert rc == 130
     assert "--resume" in err and not (run / "report.json").exists()
-    monkeypatch.setattr(api, "run_synthesis", real)
+    monkeypatch.setattr(runner, "run_method", real)
     rc, out, err = _call(["synthesize", "--out", run, "--resume", "--quiet"])
     assert rc == 0, err
     a = json.loads((ref_run / "report.json").read_text())

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from test_export import _call, _Exploit, _one_error_line, _randomize_bn
 
 from nestsynth import config as C
-from nestsynth.api import resolve_reference, run_synthesis
+from nestsynth.api import resolve_reference
+from nestsynth.baselines.runner import run_method
 from nestsynth.errors import NestError
 from nestsynth.export import CompactCNN, compact_from_sparse, load_artifact, save_artifact
 from nestsynth.export.compact import FORMAT, max_abs_difference
@@ -239,7 +240,7 @@ def cnn_run(digits, tmp_path_factory):
                        "pruning": {"rate": 0.1, "retrain_epochs": 1, "max_iterations": 1, "tolerance": 0.5,
                                    "area_rate": 0.05}})
     out = tmp_path_factory.mktemp("cnn_export") / "run"
-    run_synthesis(cfg, digits, resolve_reference(cfg.model, digits), out)
+    run_method(cfg, digits, resolve_reference(cfg.model, digits), out)
     model = load_model(out / "model.pt").eval()
     with torch.inference_mode():
         wrong = int((model(digits.test.X).argmax(1) != digits.test.y).sum())

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestsynth import checkpoint as ckpt
 from nestsynth import config as C
 from nestsynth.graph import SparseGraph
 from nestsynth.graph.models import BasicBlock, TinyResidualCNN, TinyResidualMLP, resnet8_mnist
@@ -24,7 +23,7 @@ from nestsynth.growth.groups import group_bridging_gradient, grow_group_maps, gr
 from nestsynth.pruning.groups import (ReadStats, group_statistics, group_units_to_keep, prune_group_units,
                                       remove_group_units)
 from nestsynth.seeds.graph import make_graph_seed
-from nestsynth.synthesis import Synthesis
+from nestsynth.baselines.runner import run_method
 
 from nest_helpers import interrupt_after, randomize_bn, randomize_masks
 
@@ -257,10 +256,17 @@ def test_group_keep_rule_by_hand():
 
 # ---------------------------------------------------------------------- the loop
 
-def _run(cfg, data, reference, out=None, **kw):
-    syn = Synthesis(cfg, data, reference, out, **kw)
-    model, report = syn.run()
-    return syn, model, report
+def _run(cfg, data, reference, out=None, on_iteration=None):
+    """(the loop's final LoopState, model, report) of NeST run by ``run_method``."""
+    states = []
+
+    def seen(state):
+        states.append(state)
+        if on_iteration is not None:
+            on_iteration(state)
+
+    model, report = run_method(cfg, data, reference, out, on_iteration=seen)
+    return states[-1], model, report
 
 
 def _reference(module, data):
@@ -271,14 +277,14 @@ def test_nest_on_a_user_residual_cnn_end_to_end(digits, tmp_path):
     from nestsynth.report.run_files import load_model
 
     cfg = _cfg()
-    syn, model, report = _run(cfg, digits, _reference(DilatedResidualCNN(), digits), tmp_path / "run")
-    phases = [r["phase"] for r in syn.state.history]
+    state, model, report = _run(cfg, digits, _reference(DilatedResidualCNN(), digits), tmp_path / "run")
+    phases = [r["phase"] for r in state.history]
     assert phases[0] == "seed" and "growth" in phases and phases.count("pruning") == 2
-    grown = [r for r in syn.state.history if r["phase"] == "growth" and "grown_neurons" in r]
+    grown = [r for r in state.history if r["phase"] == "growth" and "grown_neurons" in r]
     # resizable groups: the stream (stem + b) and a; the classifier's size is the data's
     assert [g.members for g in model.groups() if g.resizable] == [("stem", "b"), ("a",)]
     assert grown and grown[0]["grown_maps"] == [1, 1] and grown[0]["grown_neurons"] == [1, 1]
-    pruning = [r for r in syn.state.history if r["phase"] == "pruning"]
+    pruning = [r for r in state.history if r["phase"] == "pruning"]
     assert all(r["pruned_area"] > 0 for r in pruning)
     assert report["weights"]["final"] == model.active_weights()
     assert report["widths"]["final"] == model.widths
@@ -291,11 +297,11 @@ def test_nest_on_a_user_residual_cnn_end_to_end(digits, tmp_path):
 
 def test_nest_on_a_residual_mlp_with_batch_norm_on_one_layer(digits):
     cfg = _cfg(growth={"max_iterations": 3, "epochs_per_iteration": 4}, train={"batch_size": 32, "lr": 0.01})
-    syn, model, report = _run(cfg, digits, _reference(TinyResidualMLP(64, 8, 10), digits))
+    state, model, report = _run(cfg, digits, _reference(TinyResidualMLP(64, 8, 10), digits))
     assert len(model.norms) == 1
-    rows = [r for r in syn.state.history if r["phase"] == "growth" and "grown_neurons" in r]
+    rows = [r for r in state.history if r["phase"] == "growth" and "grown_neurons" in r]
     assert rows and all(r["grown_neurons"] == [2, 2] for r in rows)  # the stream and fc1's group
-    seed_units = syn.state.widths["seed"]
+    seed_units = state.widths["seed"]
     assert seed_units[1:3] == [4, 4]
     assert report["widths"]["post_growth"][1] == 4 + 2 * len(rows)
     assert report["test_error"] < 0.5
@@ -306,10 +312,10 @@ def test_sized_run_on_a_residual_net_ends_at_its_size(digits, scope):
     target = 300
     cfg = _cfg(pruning={"target_weights": target, "scope": scope, "schedule_steps": 3, "schedule_share": 0.67,
                         "max_iterations": 10, "neuron_threshold": 0.2})
-    syn, model, report = _run(cfg, digits, _reference(TinyResidualCNN(1, 4, 16, 10), digits))
-    assert syn.state.prune_start > target
+    state, model, report = _run(cfg, digits, _reference(TinyResidualCNN(1, 4, 16, 10), digits))
+    assert state.prune_start > target
     assert sum(layer.active_connections() for layer in model.layers) == target
-    assert syn.state.stop_reason == "target"
+    assert state.stop_reason == "target"
 
 
 def test_resume_from_a_checkpoint_gives_the_same_result(digits, tmp_path):
@@ -318,9 +324,7 @@ def test_resume_from_a_checkpoint_gives_the_same_result(digits, tmp_path):
     _, model_a, report_a = _run(cfg, digits, ref, tmp_path / "A")
     with pytest.raises(KeyboardInterrupt):  # stopped inside the pruning phase, after units were resized
         _run(cfg, digits, ref, tmp_path / "B", on_iteration=interrupt_after(4))
-    job = Synthesis(cfg, digits, ref, tmp_path / "B")
-    job.resume(ckpt.safe_load(ckpt.checkpoint_path(tmp_path / "B")))
-    model_b, report_b = job.run()
+    model_b, report_b = run_method(cfg, digits, ref, tmp_path / "B", resume=True)
     _same_state(model_a, model_b)
     for r in (report_a, report_b):
         r.pop("wall_seconds")

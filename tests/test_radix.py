@@ -138,11 +138,11 @@ def test_random_cover_tight_count():
 
 # ---- the baseline ----------------------------------------------------------------------------
 def _context(digits, **mcfg):
-    from nestsynth.baselines.context import MethodContext
+    from nest_helpers import mlp_context
     from nestsynth.config import from_dict
 
     cfg = from_dict({"method": "radix", "train": {"batch_size": 64}, "methods": {"radix": mcfg}})
-    return cfg, MethodContext(cfg, digits, [64, 32, 16, 10], "relu", False, torch.device("cpu"))
+    return cfg, mlp_context(cfg, digits, [64, 32, 16, 10])
 
 
 def _train_loss(model, ctx) -> float:

@@ -109,13 +109,14 @@ def test_baseline_report_json_holds_the_warnings(digits, tmp_path, caplog):
 
 
 def test_nest_report_says_growth_fell_short(digits, tmp_path):
-    from nestsynth.api import resolve_reference, run_synthesis
+    from nestsynth.api import resolve_reference
+    from nestsynth.baselines.runner import run_method
     from nestsynth.config import from_dict
 
     cfg = from_dict({"model": "mlp:64-16-10", "device": "cpu", "train": {"min_steps_per_epoch": 0},
                      "growth": {"target": "0.0", "max_iterations": 1, "epochs_per_iteration": 1},
                      "pruning": {"max_iterations": 1}})
-    _, report = run_synthesis(cfg, digits, resolve_reference(cfg.model, digits), tmp_path / "run")
+    _, report = run_method(cfg, digits, resolve_reference(cfg.model, digits), tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     growth = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["phase"] == "growth"]

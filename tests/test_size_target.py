@@ -8,14 +8,16 @@ import torch
 
 from nestsynth.api import resolve_reference
 from nestsynth.pruning import cubic_count, erk_allocation, prune_smallest_global, split_removal
-from nestsynth.synthesis import Synthesis
+from nestsynth.run_context import RunContext
+from nestsynth.synthesis import Synthesis, nest_report
 
 from test_synthesis import small_cfg
 
 
 def _run(cfg, digits):
-    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
-    model, report = syn.run()
+    syn = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits)))
+    model = syn.run()
+    report = nest_report(syn.ctx, model)
     return syn, model, report
 
 
@@ -160,8 +162,9 @@ def test_cnn_size_target_is_hit_with_feature_map_removal(digits):
 
     cfg = small_cnn_cfg(pruning={"target_weights": 400, "scope": "global", "schedule_steps": 4, "schedule_share": 0.5,
                                  "neuron_threshold": 0.2, "max_iterations": 10})
-    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
-    model, report = syn.run()
+    syn = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits)))
+    model = syn.run()
+    report = nest_report(syn.ctx, model)
     live = sum(layer.active_connections() for layer in model.layers)
     assert live == 400 and report["pruning"]["stop_reason"] == "target"
     assert model.active_weights() <= 400
@@ -228,7 +231,7 @@ def test_l0_criterion_projection_keeps_the_most_open_gates(digits):
     """At the projection the kept connections are exactly the target's largest log_alpha
     (checked against a sort of the gates the last pruning iteration left)."""
     cfg = _l0_cfg(neurons=False)
-    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
+    syn = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits)))
     seen = {}
     real = syn._project_gates
 
@@ -250,16 +253,16 @@ def test_l0_criterion_projection_keeps_the_most_open_gates(digits):
 
 def test_l0_criterion_resume_is_exact(digits, tmp_path):
     from nestsynth import checkpoint as ckpt
-    from nestsynth.api import run_synthesis
+    from nestsynth.baselines.runner import run_method
     from nest_helpers import interrupt_after
 
     cfg = _l0_cfg()
     ref = resolve_reference(cfg.model, digits)
-    model_a, _ = run_synthesis(cfg, digits, ref, tmp_path / "A")
+    model_a, _ = run_method(cfg, digits, ref, tmp_path / "A")
     with pytest.raises(KeyboardInterrupt):  # seed, 2 growth steps, then 2 gated iterations
-        run_synthesis(cfg, digits, ref, tmp_path / "B", on_iteration=interrupt_after(5))
+        run_method(cfg, digits, ref, tmp_path / "B", on_iteration=interrupt_after(5))
     assert torch.load(ckpt.checkpoint_path(tmp_path / "B"), weights_only=True)["gates"] is not None
-    model_b, _ = run_synthesis(cfg, digits, ref, tmp_path / "B", resume=True)
+    model_b, _ = run_method(cfg, digits, ref, tmp_path / "B", resume=True)
     sa, sb = model_a.state_dict(), model_b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 

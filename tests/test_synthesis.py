@@ -14,13 +14,16 @@ import torch
 import nestsynth
 from nestsynth import checkpoint as ckpt
 from nestsynth import config as C
+from nestsynth import run_context
 from nestsynth import synthesis as synthesis_mod
-from nestsynth.api import resolve_reference, run_synthesis
+from nestsynth.api import resolve_reference
+from nestsynth.baselines.runner import run_method
 from nestsynth.errors import NestError
 from nestsynth.metrics import activation_density
+from nestsynth.run_context import RunContext
 from nestsynth.seeds import make_seed
 from nestsynth.sparse import SparseMLP
-from nestsynth.synthesis import Synthesis
+from nestsynth.synthesis import Synthesis, nest_report
 from nestsynth.training import NonFiniteLoss
 
 
@@ -40,7 +43,7 @@ def small_cfg(**sections):
 
 
 def _run(cfg, data, out=None, **kw):
-    return run_synthesis(cfg, data, resolve_reference(cfg.model, data), out, **kw)
+    return run_method(cfg, data, resolve_reference(cfg.model, data), out, **kw)
 
 
 def _same_model(a: SparseMLP, b: SparseMLP) -> None:
@@ -62,8 +65,9 @@ def _strip_times(report: dict) -> dict:
 @pytest.fixture(scope="module")
 def job(digits):
     cfg = small_cfg()
-    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
-    model, report = syn.run()
+    syn = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits)))
+    model = syn.run()
+    report = nest_report(syn.ctx, model)
     return cfg, syn, model, report
 
 
@@ -185,7 +189,7 @@ def test_pruning_schedule_wiring(digits, schedule):
 
     cfg = small_cfg(pruning={"neurons": False, "schedule": schedule, "final_sparsity": 0.6, "schedule_steps": 3,
                              "tolerance": 1.0, "max_iterations": 3})
-    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
+    syn = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits)))
     syn.run()
     hist = syn.state.history
     post = syn.state.post_growth_layers
@@ -207,8 +211,9 @@ def test_pruning_schedule_wiring(digits, schedule):
 
 def test_growth_disabled_goes_straight_to_pruning(digits):
     cfg = small_cfg(growth={"enabled": False}, pruning={"max_iterations": 2})
-    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
-    model, report = syn.run()
+    syn = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits)))
+    model = syn.run()
+    report = nest_report(syn.ctx, model)
     phases = [r["phase"] for r in syn.state.history]
     assert "dense" not in phases and "growth" not in phases and phases[0] == "seed"
     assert report["weights"]["post_growth"] == report["weights"]["seed"]
@@ -258,7 +263,7 @@ def test_resume_variant_options_batchnorm_reference(digits, tmp_path):
                     pruning={"schedule": "cubic", "schedule_steps": 3, "final_sparsity": 0.5,
                              "tolerance": 0.5, "final_epochs": 1})
     ref = SparseMLP([64, 100, 50, 10], "relu", batch_norm=True)
-    model_a, report_a = run_synthesis(cfg, digits, resolve_reference(ref, digits), tmp_path / "A")
+    model_a, report_a = run_method(cfg, digits, resolve_reference(ref, digits), tmp_path / "A")
     assert model_a.batch_norm and report_a["model"] == "custom"
     calls = []
 
@@ -268,8 +273,8 @@ def test_resume_variant_options_batchnorm_reference(digits, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_synthesis(cfg, digits, resolve_reference(ref, digits), tmp_path / "B", on_iteration=interrupt)
-    model_b, report_b = run_synthesis(cfg, digits, resolve_reference(ref, digits), tmp_path / "B", resume=True)
+        run_method(cfg, digits, resolve_reference(ref, digits), tmp_path / "B", on_iteration=interrupt)
+    model_b, report_b = run_method(cfg, digits, resolve_reference(ref, digits), tmp_path / "B", resume=True)
     _same_model(model_a, model_b)
     assert _strip_times(report_a) == _strip_times(report_b)
 
@@ -349,7 +354,7 @@ def test_load_model_plain_data_that_is_not_a_model(tmp_path, blob):
 
 def test_nan_in_first_growth_epoch_rolls_back_and_halves_lr(digits, tmp_path, monkeypatch):
     cfg = small_cfg(train={"schedule": "constant"})
-    real = synthesis_mod.train_epoch
+    real = run_context.train_epoch
     sig = inspect.signature(real)
     calls, lrs = [0], []
 
@@ -361,7 +366,7 @@ def test_nan_in_first_growth_epoch_rolls_back_and_halves_lr(digits, tmp_path, mo
         lrs.append(sig.bind(*args, **kwargs).arguments["optimizer"].param_groups[0]["lr"])
         return out
 
-    monkeypatch.setattr(synthesis_mod, "train_epoch", flaky)
+    monkeypatch.setattr(run_context, "train_epoch", flaky)
     model, report = _run(cfg, digits, tmp_path / "run")
     assert calls[0] > cfg.dense.epochs + 1
     assert (tmp_path / "run" / "report.json").is_file()
@@ -384,7 +389,7 @@ def test_nan_every_time_gives_up_with_nest_error(digits, monkeypatch):
         calls[0] += 1
         raise NonFiniteLoss("training loss became nan")
 
-    monkeypatch.setattr(synthesis_mod, "train_epoch", always_nan)
+    monkeypatch.setattr(run_context, "train_epoch", always_nan)
     with pytest.raises(NestError, match="NaN"):
         _run(small_cfg(), digits)
     assert calls[0] == synthesis_mod.MAX_ROLLBACKS + 1
@@ -393,8 +398,8 @@ def test_nan_every_time_gives_up_with_nest_error(digits, monkeypatch):
 def test_dense_train_with_numeric_target_reports_dense_but_keeps_target(digits):
     cfg = small_cfg(growth={"target": "0.5", "max_iterations": 2, "epochs_per_iteration": 1},
                     dense={"epochs": 2, "train": True})
-    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
-    _, report = syn.run()
+    syn = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits)))
+    report = nest_report(syn.ctx, syn.run())
     phases = [r["phase"] for r in syn.state.history]
     assert phases[:2] == ["seed", "dense"]
     assert report["growth"]["target_val_error"] == 0.5  # the number, not the dense error
@@ -414,7 +419,7 @@ def test_dense_reference_does_not_perturb_the_synthesis(digits):
         cfg = small_cfg(data={"augment": True}, growth={"target": "0.01", "max_iterations": 2,
                                                          "epochs_per_iteration": 1},
                         dense={"epochs": 1, "train": train_dense})
-        model, _ = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None).run()
+        model = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits))).run()
         return [layer.mask for layer in model.layers]
     for a, b in zip(masks(False), masks(True)):
         assert torch.equal(a, b)
@@ -424,8 +429,9 @@ def test_layer_rest_freezes_the_smallest_layer_and_keeps_pruning_the_others(digi
     cfg = small_cfg(growth={"target": "0.0", "max_iterations": 2, "epochs_per_iteration": 2},
                     pruning={"rate": 0.3, "max_iterations": 40, "retrain_epochs": 1, "recover_epochs": 0,
                              "tolerance": 0.0, "layer_rest": True, "neurons": False})
-    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
-    model, report = syn.run()
+    syn = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits)))
+    model = syn.run()
+    report = nest_report(syn.ctx, model)
     rows = [r for r in syn.state.history if r["phase"] == "pruning"]
     rejected = [r for r in rows if not r["accepted"]]
     assert rejected, "the tight bound must reject some iteration"
@@ -453,8 +459,9 @@ def test_backoff_halves_the_rate_after_each_rejection_then_comes_to_rest(digits)
     cfg = small_cfg(growth={"target": "0.0", "max_iterations": 2, "epochs_per_iteration": 2},
                     pruning={"rate": 0.4, "max_iterations": 40, "retrain_epochs": 1, "recover_epochs": 0,
                              "tolerance": 0.0, "backoff": 2, "neurons": False})
-    syn = Synthesis(cfg, digits, resolve_reference(cfg.model, digits), None)
-    model, report = syn.run()
+    syn = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits)))
+    model = syn.run()
+    report = nest_report(syn.ctx, model)
     rows = [r for r in syn.state.history if r["phase"] == "pruning"]
     scale, weights = 1.0, syn.state.post_growth_layers
     for r in rows:

@@ -11,7 +11,8 @@ from torch import nn
 
 from nestsynth import checkpoint as ckpt
 from nestsynth import config as C
-from nestsynth.api import resolve_reference, run_synthesis
+from nestsynth.api import resolve_reference
+from nestsynth.baselines.runner import run_method
 from nestsynth.metrics import conv_flops
 from nestsynth.sparse import SparseCNN
 from test_cli import ROOT, _call
@@ -35,7 +36,7 @@ def small_cnn_cfg(**sections):
 
 
 def _run(cfg, digits, out=None, **kw):
-    return run_synthesis(cfg, digits, resolve_reference(cfg.model, digits), out, **kw)
+    return run_method(cfg, digits, resolve_reference(cfg.model, digits), out, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_user_sequential_cnn_with_batch_norm(digits):
     seq = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Flatten(), nn.Linear(6 * 4 * 4, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 10))
     cfg = small_cnn_cfg(growth={"max_iterations": 2}, pruning={"max_iterations": 2})
-    model, report = run_synthesis(cfg, digits, resolve_reference(seq, digits), None)
+    model, report = run_method(cfg, digits, resolve_reference(seq, digits), None)
     assert isinstance(model, SparseCNN) and model.batch_norm and report["model"] == "custom"
     assert report["dense_reference"]["weights"] == 6 * 9 + 96 * 12 + 12 * 10
 

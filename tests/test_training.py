@@ -104,11 +104,11 @@ def test_train_epoch_takes_the_requested_steps():
 
 
 def test_method_context_epoch_spans_the_minimum(digits):
-    """MethodContext.train's cosine schedule and optimizer steps use the same count."""
-    from nestsynth.baselines.context import MethodContext
+    """RunContext.train's cosine schedule and optimizer steps use the same count."""
+    from nest_helpers import mlp_context
 
     cfg = from_dict({"method": "dense", "train": {"batch_size": 128, "min_steps_per_epoch": 30}})
-    ctx = MethodContext(cfg, digits, [64, 8, 10], "relu", False, torch.device("cpu"))
+    ctx = mlp_context(cfg, digits, [64, 8, 10])
     model = ctx.dense_model()
     lrs, opt = [], ctx.optimizer(model)
     ctx.train(model, 2, opt, after_step=lambda: lrs.append(opt.param_groups[0]["lr"]))

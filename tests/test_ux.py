@@ -129,9 +129,9 @@ def test_version_descriptions_and_shared_options(capsys):
 
 
 def test_sigterm_checkpoints_and_exits_143(tmp_path, monkeypatch):
-    import nestsynth.api as api
+    import nestsynth.baselines.runner as runner
 
-    real = api.run_synthesis
+    real = runner.run_method
 
     def terminated_after_growth(*args, on_iteration=None, **kwargs):
         def hook(state):
@@ -141,7 +141,7 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path, monkeypatch):
 
         return real(*args, on_iteration=hook, **kwargs)
 
-    monkeypatch.setattr(api, "run_synthesis", terminated_after_growth)
+    monkeypatch.setattr(runner, "run_method", terminated_after_growth)
     run = tmp_path / "run"
     before = signal.getsignal(signal.SIGTERM)
     rc, out, err = call(["synthesize", *TINY, "--quiet", "--out", run])
@@ -151,7 +151,7 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
     assert ckpt.checkpoint_path(run).is_file() and not (run / "report.json").exists()
     assert not (run / ckpt.LOCK_NAME).exists()
-    monkeypatch.setattr(api, "run_synthesis", real)
+    monkeypatch.setattr(runner, "run_method", real)
     rc, out, err = call(["synthesize", "--out", run, "--resume", "--quiet"])
     assert rc == 0, err
 

@@ -1,4 +1,5 @@
-"""The Python API: ``nestsynth.synthesize`` and the run-directory driver the CLI uses."""
+"""The Python API: ``nestsynth.synthesize`` (NeST) and ``nestsynth.prune`` (any registered
+method), both run by :func:`~nestsynth.baselines.runner.run_method`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from .data.base import check_features, check_labels, check_training_size, count_
 from .errors import NestError
 from .registry import CNNSpec, GraphSpec, ModelSpec, get_model, in_features_of
 from .sparse import SparseCNN, SparseMLP, cnn_from_sequential, from_sequential
-from .synthesis import Synthesis
+from .baselines.registry import NEST
+from .baselines.runner import run_method
 
 DataLike = Any  # (X, y) tensors, a torch Dataset, or a nestsynth Dataset
 
@@ -167,14 +169,41 @@ def synthesize(model: str | nn.Module = "lenet-300-100", train: DataLike | None 
         ...     nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3)), (X, y),
         ...     config={"growth": {"target": "0.5", "max_iterations": 2}})
     """
-    cfg, data, reference = prepare(model, train, val, test, config)
-    return run_synthesis(cfg, data, reference, Path(out) if out is not None else None, progress=progress)
+    return prune(model, train, val, test, NEST, config, out, progress)
+
+
+def prune(model="lenet-300-100", train=None, val=None, test=None, method: str = "gradual", config=None,
+          out: str | Path | None = None, progress: bool = False):
+    """Run a registered method (a baseline, or ``"nest"``) through the Python API.
+
+    Args:
+        model: a registered name (``"resnet20"``, ``"lenet-300-100"``), an ``mlp:`` spec,
+            or any ``torch.nn.Module`` (see :func:`resolve_reference`: a plain
+            ``nn.Sequential`` chain stays an MLP / CNN reference, any other network is a
+            graph reference, built as a :class:`~nestsynth.graph.SparseGraph`).
+        train, val, test, config, out, progress: as :func:`synthesize`.
+        method: the method's name (``nestsynth methods`` lists them); it overrides the
+            config's ``method``.
+
+    Returns:
+        (model, report): the final masked model (SparseMLP, SparseCNN or SparseGraph) and
+        the report (the layout of report.json).
+
+    Raises:
+        NestError: unknown method or model, an unsupported network, or a method that
+            cannot run on it (one sentence, before any work).
+
+    Example:
+        >>> net, report = nestsynth.prune(MyResNet(), (X, y), method="gradual",
+        ...     config={"methods": {"gradual": {"epochs": 2, "end_epoch": 1}}})
+    """
+    cfg, data, reference = prepare(model, train, val, test, config, {"method": method})
+    return run_method(cfg, data, reference, Path(out) if out is not None else None, progress=progress)
 
 
 def prepare(model, train: DataLike | None, val: DataLike | None, test: DataLike | None,
             config: Config | dict | str | Path | None, overrides: dict | None = None):
-    """The config, data and reference of an API run (:func:`synthesize`,
-    :func:`nestsynth.baselines.prune`).
+    """The config, data and reference of an API run (:func:`synthesize`, :func:`prune`).
 
     Args:
         model, train, val, test, config: as :func:`synthesize`.
@@ -205,32 +234,6 @@ def _as_config(config) -> Config:
     if isinstance(config, dict):
         return config_mod.from_dict(config)
     return config_mod.load(config)
-
-
-def run_synthesis(cfg: Config, data: DataBundle, reference, out: Path | None, *, resume: bool = False,
-                  progress: bool = False, on_iteration=None) -> tuple[SparseMLP, dict]:
-    """Run a synthesis in ``out`` (new, or continued from its last checkpoint)."""
-    job = Synthesis(cfg, data, reference, out, progress=progress, on_iteration=on_iteration)
-    if out is not None:
-        if resume:
-            job.resume(ckpt.safe_load(ckpt.checkpoint_path(out)))
-        else:
-            prepare_new_run(out, cfg)
-    return job.run()
-
-
-def prepare_new_run(out: Path, cfg: Config) -> None:
-    """Create a run directory; refuse to overwrite an existing run.
-
-    Raises:
-        NestError: ``out`` already holds a run or is a file.
-    """
-    if out.exists() and not out.is_dir():
-        raise NestError(f"--out {str(out)!r} is a file, not a directory.")
-    if ckpt.config_path(out).exists() or ckpt.checkpoint_path(out).exists():
-        raise NestError(f"{str(out)!r} already holds a run; continue it with --resume or choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(ckpt.config_path(out), cfg.to_toml())
 
 
 def load_run_config(out: Path) -> Config:

@@ -145,7 +145,7 @@ class Progress:
     A NeST run (called with its LoopState) also gets a line when a phase starts and, per
     growth or pruning iteration, the elapsed time and an upper bound on what the phase has
     left (its remaining iteration limit times the mean seconds per iteration so far).  A
-    baseline (called with its MethodContext) gets the elapsed time.  ``quiet`` prints nothing.
+    baseline (called with its RunContext) gets the elapsed time.  ``quiet`` prints nothing.
     """
 
     def __init__(self, cfg, quiet: bool = False, resume: bool = False):
@@ -359,10 +359,9 @@ def cmd_methods(args) -> int:
         return "".join(f" [{label}]" for attr, label in (("mlp_only", "MLP only"), ("chain_only", "chain only"))
                        if getattr(run, attr, None))
 
-    rows = [{"name": "nest", "description": "NeST: grow from a sparse seed, then prune (sections growth, pruning)",
-             "options": []}]
-    rows += [{"name": m.name, "description": m.description + marks(m.run),
-              "options": [f.name for f in dataclasses.fields(m.config)]} for m in list_methods()]
+    rows = [{"name": m.name, "description": m.description + marks(m.run),
+             "options": [f.name for f in dataclasses.fields(m.config)] if m.config is not None else []}
+            for m in list_methods()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -1,5 +1,10 @@
 """The NeST loop: sequences seed -> (dense reference) -> growth -> pruning -> report.
 
+The loop runs in a :class:`~nestsynth.run_context.RunContext` -- the harness every
+method shares: training epochs, validation, history rows, the run directory -- and is
+registered as the method ``nest`` (:func:`run_nest`), so
+:func:`~nestsynth.baselines.runner.run_method` runs it like any baseline.
+
 One loop serves every reference: the connection-level policies (Policy 1 growth by
 |dL/dw|, Policy 4 pruning by |W*| with the size schedule, scopes, rewiring and top-up, and
 partial-area convolution) work on ``model.layers`` of any masked network (a SparseMLP or
@@ -23,39 +28,37 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from .baselines.registry import NEST, register_method
 from .config import Config
-from .data import DataBundle, random_affine
 from .errors import NestError
 from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_connections_global,
                      grow_neurons)
 from .growth.scores import scan_indices
-from .metrics import activation_density, layer_table, totals
 from .pruning import gates as G
 from .pruning.gates import BETA, L0Gates, L0SizeControl, keep_most_open
 from .pruning import (constant_rate_removal, cubic_count, effective_scores, erk_allocation, lamp_scores,
                       neurons_to_keep, output_statistics, prune_smallest_global, remove_neurons, split_removal)
 from .graph.network import KIND as GRAPH_KIND
 from .graph.network import SparseGraph
-from .registry import CNNSpec, ModelSpec
+from .run_context import RunContext, RunRecord, is_graph_reference
 from .seeds import make_seed
-from .sparse import MaskedConv2d, SparseMLP, append_units, model_from_arch, set_mask
-from .training import (NonFiniteLoss, cosine_lr, epoch_steps, evaluate, make_optimizer, samples_per_epoch,
-                       train_epoch)
+from .sparse import MaskedConv2d, append_units, model_from_arch, set_mask
+from .training import NonFiniteLoss, make_optimizer
 
 MAX_ROLLBACKS = 4
 MAP_SAMPLES = 2048  # examples on which feature-map candidates are compared (Policy 3)
 
 
 @dataclass
-class LoopState:
-    """Plain-data position of the loop (saved in every checkpoint)."""
+class LoopState(RunRecord):
+    """Plain-data position of the loop (saved in every checkpoint); the run context's
+    record, so its ``epochs`` (the budget, dense reference included) and ``history``
+    are checkpointed with it."""
 
     phase: str = "dense"  # dense | growth | pruning | finetune | done
     iteration: int = 0
@@ -72,60 +75,33 @@ class LoopState:
     post_growth_layers: list = field(default_factory=list)
     frozen: list = field(default_factory=list)  # layers no longer pruned (pruning.layer_rest)
     rate_scale: float = 1.0  # multiplies pruning.rate and area_rate; halved per back-off (pruning.backoff)
-    epochs: int = 0  # training epochs spent (dense reference included): the budget
     prune_start: int = 0  # live connections when the size schedule started
     prune_iterations: int = 0  # pruning iterations planned (size schedule, budget); 0 = until rest
     stop_reason: str | None = None  # why pruning ended: bound, target, iterations, floor
     kept_iteration: int | None = None  # the pruning iteration whose model was kept (None: post-growth)
-    history: list = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu.
-
-    Raises:
-        NestError: cuda requested but not available.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NestError(f"device {name!r} was requested but this machine has no CUDA device; use cpu or auto.")
-    return torch.device(name)
 
 
 class Synthesis:
-    """One NeST run.
+    """One NeST run, in a run context.
+
+    The context holds the config, data, reference, run directory, generator and the
+    training, evaluation and logging helpers; its record is the loop's :class:`LoopState`.
 
     Args:
-        cfg: the resolved config.
-        data: train/val/test data.
-        reference: the reference architecture: a spec fitted to the data (an MLP or CNN
+        ctx: the run context.  Its reference is a spec fitted to the data (an MLP or CNN
             spec, or a graph spec: anything whose ``build(generator)`` returns a
             SparseGraph), a user's dense SparseMLP whose widths and activations are the
             reference, or a SparseGraph (its architecture; the weights are drawn anew).
-        out: run directory for checkpoints and reports, or None (in memory only).
-        progress: show progress bars.
-        on_iteration: called after every checkpoint with the loop state (tests use it
-            to simulate an interruption).
+            Its ``on_iteration`` is called after every checkpoint with the loop state
+            (tests use it to simulate an interruption).
     """
 
-    def __init__(self, cfg: Config, data: DataBundle, reference: ModelSpec | SparseMLP,
-                 out: Path | None = None, progress: bool = False,
-                 on_iteration: Callable[[LoopState], None] | None = None):
-        self.cfg, self.data, self.out = cfg, data, out
-        self.progress, self.on_iteration = progress, on_iteration
-        self.device = resolve_device(cfg.device)
-        graph = is_graph_reference(reference)
-        # the spec the report counts the dense reference from (None: an MLP, by its widths)
-        self.spec = reference if isinstance(reference, CNNSpec) or graph else None
-        self.ref_widths, self.ref_acts, self.ref_bn, self.model_name = _reference_shape(reference)
-        self.X, self.y = data.train.X.to(self.device), data.train.y.to(self.device)
-        self.Xv, self.yv = (data.val.X.to(self.device), data.val.y.to(self.device)) if data.val else (None, None)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.state = LoopState()
-        self.units = GraphUnits(self, reference) if graph else ChainUnits(self, reference)
-        self.model = self.units.seed().to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg.train)
+    def __init__(self, ctx: RunContext):
+        self.ctx, self.cfg = ctx, ctx.cfg
+        ctx.record = LoopState()  # the loop's position is the record a NeST run keeps (and checkpoints)
+        self.units = GraphUnits(self) if is_graph_reference(ctx.reference) else ChainUnits(self)
+        self.model = self.units.seed().to(ctx.device)
+        self.optimizer = make_optimizer(self.model, self.cfg.train)
         self.accepted: dict | None = None
         self.area_removed = 0  # output positions removed by the current pruning step (CNNs)
         # pruning.criterion = "l0": the gated network and its size controller while pruning runs
@@ -134,9 +110,14 @@ class Synthesis:
         self._last: dict | None = None
         self._clock = time.monotonic()
 
+    @property
+    def state(self) -> LoopState:
+        """The loop's plain-data position (the context's record)."""
+        return self.ctx.record
+
     # ---- public ------------------------------------------------------------
-    def run(self) -> tuple[SparseMLP, dict]:
-        """Run (or continue) the loop to the end; returns (final model, report)."""
+    def run(self):
+        """Run (or continue) the loop to the end; returns the final model."""
         if not self.state.history:
             self._start()
         steps = {"dense": self._dense_step, "growth": self._growth_step,
@@ -148,7 +129,7 @@ class Synthesis:
                 self._rollback()
                 continue
             self._save()
-        return self.model, self._finish()
+        return self.model
 
     def resume(self, checkpoint: dict) -> None:
         """Restore the loop from a checkpoint dict (see :meth:`_checkpoint`).
@@ -168,7 +149,7 @@ class Synthesis:
         st.weights["seed"] = self.model.active_weights()
         st.widths["seed"] = self.model.widths
         self._snapshot("seed")
-        val = self._val()
+        val = self.ctx.val_error(self.model)
         self._log("seed", 0, val=val)
         st.target = cfg.target_error
         st.phase = "dense" if (st.target is None or cfg.dense.train) and cfg.growth.enabled else "growth"
@@ -181,14 +162,11 @@ class Synthesis:
         the target is a number."""
         t0 = time.monotonic()
         gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
-        dense = self.units.dense(gen).to(self.device)
-        opt = make_optimizer(dense, self.cfg.train)
-        self._train(dense, opt, self.cfg.dense.epochs, gen, "dense reference")
-        val = self._val(dense)
-        test = (evaluate(dense, self.data.test.X.to(self.device), self.data.test.y.to(self.device))[0]
-                if self.data.test else None)
-        self.state.dense = {"val_error": val, "test_error": test, "epochs": self.cfg.dense.epochs,
-                            "seconds": time.monotonic() - t0}
+        dense = self.ctx.build_reference(gen).to(self.ctx.device)
+        self._train(dense, self.cfg.dense.epochs, "dense reference", optimizer=make_optimizer(dense, self.cfg.train),
+                    generator=gen)
+        self.state.dense = {**self.ctx.dense_errors(dense), "seconds": time.monotonic() - t0}
+        val = self.state.dense["val_error"]
         if self.state.target is None:
             self.state.target = val
         self.state.phase = "growth"
@@ -197,9 +175,8 @@ class Synthesis:
     def _growth_step(self) -> None:
         st, g = self.state, self.cfg.growth
         t0 = time.monotonic()
-        loss = self._train(self.model, self.optimizer, g.epochs_per_iteration, self.generator,
-                           f"growth {st.iteration}")
-        val = self._val()
+        loss = self._train(self.model, g.epochs_per_iteration, f"growth {st.iteration}")
+        val = self.ctx.val_error(self.model)
         capped = g.max_epochs > 0 and st.epochs + g.epochs_per_iteration > g.max_epochs
         if val <= st.target or st.iteration + 1 >= g.max_iterations or capped:
             st.reached = val <= st.target
@@ -277,13 +254,12 @@ class Synthesis:
         removed, neurons_removed, rewired = self._prune()
         window = (st.iteration * p.retrain_epochs, st.prune_iterations * p.retrain_epochs) \
             if p.lr_schedule == "phase" and st.prune_iterations else None
-        loss = self._train(self.model, self.optimizer, p.retrain_epochs, self.generator, f"pruning {st.iteration}",
-                           p.lr_scale, window)
-        val = self._val()
+        loss = self._train(self.model, p.retrain_epochs, f"pruning {st.iteration}", p.lr_scale, window=window)
+        val = self.ctx.val_error(self.model)
         sized = p.target_weights > 0
         for _ in range(p.recover_epochs if val > st.bound and not sized else 0):
-            loss = self._train(self.model, self.optimizer, 1, self.generator, "recovery", p.lr_scale)
-            val = self._val()
+            loss = self._train(self.model, 1, "recovery", p.lr_scale)
+            val = self.ctx.val_error(self.model)
             if val <= st.bound:
                 break
         nothing = removed + sum(neurons_removed) + getattr(self, "area_removed", 0) == 0
@@ -346,14 +322,14 @@ class Synthesis:
         t0 = time.monotonic()
         if self.gates is None:
             d = G.DROPRATE
-            init = [math.log(1 - d) - math.log(d) + 0.01 * torch.randn(layer.weight.shape, generator=self.generator)
+            init = [math.log(1 - d) - math.log(d) + 0.01 * torch.randn(layer.weight.shape, generator=self.ctx.generator)
                     for layer in self.model.layers]
             self._attach_gates(init, G.LAM, 0)
         window = (st.iteration * p.retrain_epochs, st.prune_iterations * p.retrain_epochs) \
             if p.lr_schedule == "phase" else None
-        loss = self._train(self.gates, self.optimizer, p.retrain_epochs, self.generator, f"pruning {st.iteration}",
-                           p.lr_scale, window, penalty=self._gate_penalty, after_step=self.gate_control)
-        val = self._val(self.gates)
+        loss = self._train(self.gates, p.retrain_epochs, f"pruning {st.iteration}", p.lr_scale, window=window,
+                           penalty=self._gate_penalty, after_step=self.gate_control)
+        val = self.ctx.val_error(self.gates)
         extra = {"expected_l0": round(float(self.gates.expected_l0().detach()), 1), "lam": self.gate_control.lam,
                  "goal": self.gate_control.goal(self.gate_control.step)}
         self._log("pruning", st.iteration, val=val, model=self.gates.deterministic_model(), loss=loss,
@@ -362,7 +338,7 @@ class Synthesis:
         if st.iteration < st.prune_iterations:
             return
         units = self._project_gates()
-        val = self._val()
+        val = self.ctx.val_error(self.model)
         self._log("project", st.iteration, val=val, seconds=time.monotonic() - t0, pruned_neurons=units)
         self.accepted, st.accepted_val, st.kept_iteration = self._model_state(), val, st.iteration - 1
         self._end_pruning("target")
@@ -373,14 +349,14 @@ class Synthesis:
         ``step`` optimizer steps (0 for a new phase, more on resume)."""
         p, st = self.cfg.pruning, self.state
         scale = math.sqrt(G.LR_SCALE) if self.cfg.train.optimizer == "sgd" else G.LR_SCALE
-        self.gates = L0Gates(self.model, log_alpha, BETA, scale, self.generator).to(self.device)
+        self.gates = L0Gates(self.model, log_alpha, BETA, scale, self.ctx.generator).to(self.ctx.device)
         self.optimizer.add_param_group({"params": list(self.gates.theta), "weight_decay": 0.0})
-        steps = st.prune_iterations * p.retrain_epochs * epoch_steps(self.cfg.train, len(self.X))
+        steps = st.prune_iterations * p.retrain_epochs * self.ctx.steps_per_epoch()
         self.gate_control = L0SizeControl(self.gates, lam, p.target_weights, steps, G.GAIN, p.schedule_share)
         self.gate_control.step = step
 
     def _gate_penalty(self) -> torch.Tensor:
-        return self.gates.penalty(self.gate_control.lam, len(self.X))
+        return self.gates.penalty(self.gate_control.lam, len(self.ctx.X))
 
     def _gate_state(self) -> dict | None:
         if self.gates is None:
@@ -411,9 +387,8 @@ class Synthesis:
         regrown = self._top_up(p.target_weights) if p.final_regrow > 0 and p.target_weights > 0 else 0
         if p.final_epochs > 0:
             t0 = time.monotonic()
-            loss = self._train(self.model, self.optimizer, p.final_epochs, self.generator, "fine-tuning",
-                               p.final_lr_scale)
-            val = self._val()
+            loss = self._train(self.model, p.final_epochs, "fine-tuning", p.final_lr_scale)
+            val = self.ctx.val_error(self.model)
             # a regrown run ends at its size; a gated one was fitted to it only by the projection
             keep = val <= st.accepted_val or regrown > 0 or p.criterion == "l0"
             self._log("finetune", 0, val=val, loss=loss, seconds=time.monotonic() - t0, accepted=keep,
@@ -426,8 +401,9 @@ class Synthesis:
 
     # ---- growth and pruning actions -----------------------------------------
     def _score_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = scan_indices(len(self.X), self.cfg.growth.score_samples, self.generator).to(self.device)
-        return self.X[idx], self.y[idx]
+        ctx = self.ctx
+        idx = scan_indices(len(ctx.X), self.cfg.growth.score_samples, ctx.generator).to(ctx.device)
+        return ctx.X[idx], ctx.y[idx]
 
     def _grow(self) -> dict:
         """One growth step: connections (Policy 1) in every layer, then units (Policies 2
@@ -606,52 +582,19 @@ class Synthesis:
             layer.area.copy_(new)
 
     # ---- training helpers ----------------------------------------------------
-    def _augment(self, generator: torch.Generator):
-        d = self.cfg.data
-        if not (d.augment and self.data.is_image):
-            return None
-        return lambda xb: random_affine(xb, generator, rotate=d.rotate, shift=d.shift,
-                                        scale=(d.scale_min, d.scale_max), shear=d.shear)
-
-    def _train(self, model, optimizer, epochs: int, generator, desc: str, lr_scale: float = 1.0,
-               window: tuple[int, int] | None = None, penalty: Callable[[], torch.Tensor] | None = None,
-               after_step: Callable[[], None] | None = None) -> float | None:
-        """``epochs`` epochs at ``train.lr * lr_scale`` (times the rollback factor); with the
-        cosine schedule every call is one annealing cycle, so each validation check sees
-        an annealed model -- or, with ``window = (first, total)``, epochs first.. of one
-        cycle of ``total`` epochs (``pruning.lr_schedule = "phase"``).  ``penalty`` and
-        ``after_step`` are passed to :func:`train_epoch`."""
-        from tqdm.auto import tqdm
-
-        t = self.cfg.train
-        lr = t.lr * lr_scale * self.state.lr_scale
-        per_epoch = epoch_steps(t, len(self.X))  # train.min_steps_per_epoch at least
-        samples = epochs * samples_per_epoch(len(self.X), t.batch_size, per_epoch)
-        loss = None
-        with tqdm(total=samples, desc=desc, unit="sample", disable=not self.progress,
-                  leave=False, dynamic_ncols=True) as bar:
-            for e in range(epochs):
-                start, total = (window[0] + e, window[1]) if window else (e, epochs)
-                lr_at = (lambda b, k=start: cosine_lr(k * per_epoch + b, total * per_epoch, lr, t.min_lr_scale)) \
-                    if t.schedule == "cosine" else (lambda b: lr)
-                loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, generator,
-                                   self._augment(generator), bar.update, lr_at, penalty=penalty,
-                                   after_step=after_step, steps=per_epoch)
-                self.state.epochs += 1
-        return loss
-
-    def _val(self, model=None) -> float:
-        model = model or self.model
-        if self.Xv is None:
-            return evaluate(model, self.X, self.y, self.cfg.train.eval_batch_size)[0]
-        return evaluate(model, self.Xv, self.yv, self.cfg.train.eval_batch_size)[0]
+    def _train(self, model, epochs: int, desc: str, lr_scale: float = 1.0, **options) -> float | None:
+        """:meth:`RunContext.train` of ``model`` with the loop's optimizer (unless ``options``
+        give another) at ``train.lr * lr_scale`` times the rollback factor
+        (``state.lr_scale``, halved per NaN rollback: a power of two, so the product is
+        exact whichever way it is taken)."""
+        options.setdefault("optimizer", self.optimizer)
+        return self.ctx.train(model, epochs, lr_scale=lr_scale * self.state.lr_scale, desc=desc, **options)
 
     def _log(self, phase: str, iteration: int, val: float, model=None, loss=None, seconds=0.0, **extra) -> None:
-        model = model or self.model
-        row = {"phase": phase, "iteration": iteration, "weights": model.active_weights(),
-               "layer_weights": model.active_per_layer(), "neurons": model.widths[1:-1],
-               "val_error": val, "train_loss": loss, "seconds": round(seconds, 3), **extra}
-        self.state.history.append(row)
+        """Append the context's row for ``model`` (default: the loop's), with the unit's
+        training loss and duration."""
+        self.state.history.append(self.ctx.row(phase, iteration, model or self.model, val, seconds,
+                                               train_loss=loss, **extra))
 
     # ---- state, checkpoints, rollback --------------------------------------
     def _model_state(self) -> dict:
@@ -659,20 +602,20 @@ class Synthesis:
                 "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
 
     def _load_model_state(self, snap: dict) -> None:
-        self.model = model_of_arch(snap["arch"]).to(self.device)
+        self.model = model_of_arch(snap["arch"]).to(self.ctx.device)
         self.model.load_state_dict(snap["model"])
         self.optimizer = make_optimizer(self.model, self.cfg.train, self.state.lr_scale)
 
     def _snapshot(self, name: str) -> None:
-        if self.out is not None:
-            ckpt.atomic_torch_save(self._model_state(), ckpt.checkpoint_path(self.out, name))
+        if self.ctx.out is not None:
+            ckpt.atomic_torch_save(self._model_state(), ckpt.checkpoint_path(self.ctx.out, name))
 
     def _checkpoint(self) -> dict:
         st = self.state
         return {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "config": self.cfg.digest(),
                 **self._model_state(),
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "generator": self.generator.get_state(),
+                "generator": self.ctx.generator.get_state(),
                 "accepted": self.accepted,
                 "gates": self._gate_state(),
                 "state": copy.deepcopy(st.__dict__)}
@@ -682,14 +625,15 @@ class Synthesis:
         self.state.elapsed += now - self._clock
         self._clock = now
         self._last = self._checkpoint()
-        if self.out is not None:
-            ckpt.atomic_torch_save(self._last, ckpt.checkpoint_path(self.out))
-            ckpt.write_jsonl(ckpt.metrics_path(self.out), self.state.history)
-        if self.on_iteration is not None:
-            self.on_iteration(self.state)
+        out = self.ctx.out
+        if out is not None:
+            ckpt.atomic_torch_save(self._last, ckpt.checkpoint_path(out))
+            ckpt.write_jsonl(ckpt.metrics_path(out), self.state.history)
+        if self.ctx.on_iteration is not None:
+            self.ctx.on_iteration(self.state)
 
     def _restore(self, c: dict) -> None:
-        self.state = LoopState(**copy.deepcopy(c["state"]))
+        self.ctx.record = LoopState(**copy.deepcopy(c["state"]))
         self._load_model_state(c)
         self.gates = self.gate_control = None
         if c.get("gates"):  # a gated pruning phase: its parameters are in the optimizer state
@@ -699,7 +643,7 @@ class Synthesis:
                 for theta, saved in zip(self.gates.theta, g["theta"]):
                     theta.copy_(saved)
         self.optimizer.load_state_dict(copy.deepcopy(c["optimizer"]))  # may alias; Adam steps in place
-        self.generator.set_state(c["generator"])
+        self.ctx.generator.set_state(c["generator"])
         self.accepted = c["accepted"]
         self._clock = time.monotonic()
 
@@ -715,34 +659,42 @@ class Synthesis:
         self._restore(self._last)
         self.state.rollbacks, self.state.lr_scale = rollbacks, scale  # _train reads lr_scale
 
-    # ---- report ---------------------------------------------------------------
-    def _finish(self) -> dict:
-        from .report import build_report
 
-        st = self.state
-        test = self.data.test
-        Xr = test.X.to(self.device) if test else (self.Xv if self.Xv is not None else self.X)
-        act = activation_density(self.model, Xr, self.cfg.train.eval_batch_size)
-        rows = layer_table(self.model, act)
-        test_error = evaluate(self.model, test.X.to(self.device), test.y.to(self.device))[0] if test else None
-        report = build_report(
-            cfg=self.cfg, model_name=self.model_name, dataset=self.data.name, state=st,
-            rows=rows, test_error=test_error, val_error=st.accepted_val,
-            ref_widths=self.ref_widths, final_widths=self.model.widths, device=str(self.device),
-            input_shape=self.data.input_shape, reference=self.spec)
-        from .sanity import synthesis_warnings
-        report["warnings"] = synthesis_warnings(st, self.data, report)  # also logged (nestsynth.sanity)
-        if self.out is not None:
-            from .report import write_run_outputs
-            write_run_outputs(self.out, self.model, report)
-        return report
+@register_method(NEST, None, "NeST: grow from a sparse seed, then prune (sections growth, pruning)",
+                 report=lambda ctx, model, wall: nest_report(ctx, model), checkpointed=True)
+def run_nest(ctx: RunContext, cfg: Config):
+    """NeST as a registered method: the loop in ``ctx`` to the end, continued from the run
+    directory's last checkpoint when ``ctx.resume``.  Its settings are the top-level
+    sections (``cfg`` is the whole Config: seed_net, dense, growth, pruning, train).
+
+    Returns:
+        The final model.
+
+    Raises:
+        NestError: the checkpoint belongs to another config.
+    """
+    job = Synthesis(ctx)
+    if ctx.resume and ctx.out is not None:
+        job.resume(ckpt.safe_load(ckpt.checkpoint_path(ctx.out)))
+    return job.run()
 
 
-def is_graph_reference(reference) -> bool:
-    """A SparseGraph, or a spec that builds one (not an MLP or CNN spec, not a SparseMLP)."""
-    if isinstance(reference, SparseGraph):
-        return True
-    return not isinstance(reference, (ModelSpec, CNNSpec, SparseMLP)) and callable(getattr(reference, "build", None))
+def nest_report(ctx: RunContext, model) -> dict:
+    """report.json of a finished NeST run in ``ctx`` (its record is the loop's LoopState):
+    the core report with the growth and pruning sections, the time its checkpoints
+    accumulated, and the sanity checks' warnings (also logged on ``nestsynth.sanity``)."""
+    from .report import build_report
+    from .sanity import synthesis_warnings
+
+    st = ctx.record
+    rows, test_error = ctx.measure(model)
+    report = build_report(
+        cfg=ctx.cfg, model_name=ctx.model_name, dataset=ctx.data.name, state=st,
+        rows=rows, test_error=test_error, val_error=st.accepted_val,
+        ref_widths=ctx.widths, final_widths=model.widths, device=str(ctx.device),
+        input_shape=ctx.data.input_shape, reference=ctx.spec)
+    report["warnings"] = synthesis_warnings(st, ctx.data, report)
+    return report
 
 
 def model_of_arch(arch: dict):
@@ -754,24 +706,16 @@ def _has_conv(model) -> bool:
     return any(isinstance(layer, MaskedConv2d) for layer in model.layers)
 
 
-def _reference_shape(reference):
-    if is_graph_reference(reference):
-        return list(reference.widths), None, None, getattr(reference, "name", "custom")
-    if isinstance(reference, (CNNSpec, ModelSpec)):
-        return list(reference.widths), reference.activation, reference.batch_norm, reference.name
-    return reference.widths, list(reference.activation_specs), reference.batch_norm, "custom"
-
-
 class ChainUnits:
     """Unit backend of a chain (SparseMLP, SparseCNN): hidden layer h, read by layer h + 1.
 
     Args:
-        run: the synthesis (its config, model, optimizer, generator and data are read).
-        reference: a ModelSpec / SparseMLP (MLP) or a CNNSpec.
+        run: the synthesis (its config, model and optimizer, and its context's reference
+            -- a ModelSpec / SparseMLP (MLP) or a CNNSpec --, generator and data are read).
     """
 
-    def __init__(self, run: Synthesis, reference):
-        self.run, self.spec = run, reference if isinstance(reference, CNNSpec) else None
+    def __init__(self, run: Synthesis):
+        self.run, self.spec = run, run.ctx.spec  # a CNNSpec, or None for an MLP
 
     @property
     def has_area(self) -> bool:
@@ -784,18 +728,11 @@ class ChainUnits:
         return True
 
     def seed(self):
-        run, cfg = self.run, self.run.cfg
+        ctx, s = self.run.ctx, self.run.cfg.seed_net
         if self.spec is not None:
             from .seeds.cnn import make_cnn_seed
-            return make_cnn_seed(self.spec, cfg.seed_net.ratio, cfg.seed_net.density, run.generator)
-        return make_seed(run.ref_widths, cfg.seed_net.ratio, cfg.seed_net.density, run.generator,
-                         run.ref_acts, run.ref_bn, cfg.seed_net.topology)
-
-    def dense(self, generator: torch.Generator):
-        run = self.run
-        if self.spec is not None:
-            return self.spec.build(generator)
-        return SparseMLP(run.ref_widths, run.ref_acts, run.ref_bn, generator=generator)
+            return make_cnn_seed(self.spec, s.ratio, s.density, ctx.generator)
+        return make_seed(ctx.widths, s.ratio, s.density, ctx.generator, ctx.activations, ctx.batch_norm, s.topology)
 
     def grow(self, scan, X: torch.Tensor, y: torch.Tensor) -> dict:
         """Feature maps in every conv layer (Policy 3), then neurons in every hidden linear
@@ -810,7 +747,7 @@ class ChainUnits:
                     continue
                 w_in, w_out = grow_neurons(scan.bridges[h], g.neurons_per_step, g.beta, g.alpha,
                                            model.effective_weight(h), model.effective_weight(h + 1),
-                                           run.generator, g.sign)
+                                           run.ctx.generator, g.sign)
                 # neurons born in layer h-1 during this step are not among the scanned inputs
                 w_in = torch.nn.functional.pad(w_in, (0, model.layers[h].in_features - w_in.shape[1]))
                 append_units(model, h, w_in, w_out, run.optimizer, warm=g.adam_warm)
@@ -837,7 +774,7 @@ class ChainUnits:
             layer = model.layers[h]
             density = g.map_density or max(float(layer.mask.mean()), 1.0 / layer.mask[0].numel())
             w_in, w_out, stats = grow_feature_maps(model, h, g.feature_maps_per_step, Xm, ym,
-                                                   g.map_candidates, density, run.generator, g.map_scale,
+                                                   g.map_candidates, density, run.ctx.generator, g.map_scale,
                                                    g.map_out)
             append_units(model, h, w_in, w_out, run.optimizer, warm=g.adam_warm)
             grown.append(_map_stats(w_in.shape[0], stats))
@@ -913,27 +850,21 @@ class GraphUnits:
     or feature maps), and for the conv groups the Policy 3 statistics (``grown_maps``...).
 
     Args:
-        run: the synthesis.
-        reference: a SparseGraph, or a spec whose ``build(generator)`` returns one.
+        run: the synthesis (its context's reference is a SparseGraph, or a spec whose
+            ``build(generator)`` returns one).
     """
 
     has_area = property(lambda self: _has_conv(self.run.model))
     scan_bridges = False  # each group's bridging gradient is taken right before it grows
 
-    def __init__(self, run: Synthesis, reference):
-        self.run, self.reference = run, reference
-
-    def dense(self, generator: torch.Generator) -> SparseGraph:
-        ref = self.reference
-        if isinstance(ref, SparseGraph):
-            return SparseGraph.from_module(ref, ref.input_shape, generator)
-        return ref.build(generator)
+    def __init__(self, run: Synthesis):
+        self.run = run
 
     def seed(self) -> SparseGraph:
         from .seeds.graph import make_graph_seed
 
-        run, s = self.run, self.run.cfg.seed_net
-        return make_graph_seed(self.dense(run.generator), s.ratio, s.density, run.generator)
+        ctx, s = self.run.ctx, self.run.cfg.seed_net
+        return make_graph_seed(ctx.build_reference(), s.ratio, s.density, ctx.generator)
 
     def _groups(self) -> list:
         return [group for group in self.run.model.groups() if group.resizable]
@@ -949,12 +880,12 @@ class GraphUnits:
             group, n = current(model, group), 0
             if g.neurons and is_conv_group(model, group) and g.feature_maps_per_step > 0:
                 stats = grow_group_maps(model, group, g.feature_maps_per_step, X[:MAP_SAMPLES], y[:MAP_SAMPLES],
-                                        g.map_candidates, g.map_density or None, run.generator, g.map_scale,
+                                        g.map_candidates, g.map_density or None, run.ctx.generator, g.map_scale,
                                         g.map_out, run.optimizer, g.adam_warm)
                 n = len(stats)
                 maps.append(_map_stats(n, stats))
             elif g.neurons and is_linear_group(model, group) and g.neurons_per_step > 0:
-                n = grow_group_neurons(model, group, g.neurons_per_step, X, y, g.beta, g.alpha, run.generator,
+                n = grow_group_neurons(model, group, g.neurons_per_step, X, y, g.beta, g.alpha, run.ctx.generator,
                                        g.sign, run.optimizer, g.adam_warm, bs)
             grown.append(n)
         return _units_row(grown, maps)

@@ -23,7 +23,7 @@ from .. import checkpoint as ckpt
 from .. import config as config_mod
 from ..config import Config
 from ..errors import NestError
-from .registry import NEST, method_names
+from .registry import get_method, method_names
 from .runner import is_finished
 
 
@@ -125,10 +125,9 @@ def plan(base: Config, methods: list[str], seeds: list[int], out: Path, sizes: l
         raise NestError("compare needs at least one method and one seed.")
     from ..registry import get_model
     from .context import check_supported
-    from .registry import get_method
     reference = get_model(base.model)
     for m in methods:  # refuse a method that cannot run on the model before anything runs
-        check_supported(m if m == NEST else get_method(m), reference)
+        check_supported(get_method(m), reference)
     jobs = []
     for m in methods:
         for size in ([None] if sizes is None or m == "dense" else sizes):
@@ -203,7 +202,7 @@ def _run_job(job: Job, data_dir: str | None, threads: int) -> dict:
                         split_seed=cfg.data.split_seed)
     reference = resolve_reference(cfg.model, data)
     resume = ckpt.config_path(job.run_dir).is_file()
-    if resume and cfg.method == "nest" and not ckpt.checkpoint_path(job.run_dir).is_file():
+    if resume and get_method(cfg.method).checkpointed and not ckpt.checkpoint_path(job.run_dir).is_file():
         resume = False
         ckpt.config_path(job.run_dir).unlink()
     _, report = run_method(cfg, data, reference, job.run_dir, resume=resume)
