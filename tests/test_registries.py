@@ -5,11 +5,13 @@ method that is registered is tested without a line added here.
   fitted to other data, with exactly the spec's dense weights, and runs a forward pass
   of the right shape; the large ones (AlexNet, VGG-16) at their full size only under
   the ``slow`` marker;
-* every method (:func:`nestsynth.baselines.method_names`: NeST and each registered
-  baseline) runs on digits through :func:`~nestsynth.baselines.runner.run_method` (what
-  ``nestsynth prune --method`` and ``compare`` call) with a few optimizer steps, into a
-  run directory: the model has the connections its config asks for, the report's fields
-  agree with the model, and the files reload to the same network.
+* every registered method (:func:`nestsynth.baselines.list_methods`: NeST, registered
+  first, and each baseline) runs on digits through
+  :func:`~nestsynth.baselines.runner.run_method` (what ``nestsynth synthesize``,
+  ``prune --method`` and ``compare`` call) with a few optimizer steps, into a run
+  directory: the model has the connections its config asks for, the report's fields
+  agree with the model, and the files reload to the same network; a checkpointed method
+  (NeST) interrupted and resumed through it ends exactly where an uninterrupted run does.
 
 The methods' own rules are tested in tests/test_baselines_*.py and their defaults in
 tests/test_defaults.py; here each run is far too short to learn, only the contract is
@@ -26,7 +28,8 @@ import torch
 
 from nestsynth import config as config_mod
 from nestsynth.api import resolve_reference
-from nestsynth.baselines import NEST, method_names
+from nest_helpers import interrupt_after
+from nestsynth.baselines import NEST, get_method, list_methods, method_names
 from nestsynth.baselines.runner import run_method
 from nestsynth.graph import SparseGraph
 from nestsynth.registry import get_model, is_cnn, is_graph, list_models
@@ -129,18 +132,30 @@ REPORT_KEYS = {"method", "model", "dataset", "seed", "test_error", "val_error", 
                "dense_reference", "compression", "layers", "budget", "warnings", "environment"}
 
 
-def test_every_method_is_parametrized():
-    names = method_names()
-    assert names[0] == NEST and len(names) == len(set(names)) >= 14
-    assert set(FAST) <= set(names), f"FAST names methods that are not registered: {set(FAST) - set(names)}"
+METHODS = [m.name for m in list_methods()]
 
 
-@pytest.mark.parametrize("name", method_names())
+def _fast_cfg(name: str):
+    """The config of a few optimizer steps of method ``name`` on the small MLP."""
+    overrides, _ = FAST[name]
+    return config_mod.from_dict({"model": MODEL, "method": name, "device": "cpu",
+                                 "train": {"batch_size": 64, "min_steps_per_epoch": 0}, **overrides})
+
+
+def test_every_method_is_registered_and_parametrized():
+    assert METHODS == method_names()  # the registry and the config's sections agree, NeST first
+    assert METHODS[0] == NEST and len(METHODS) == len(set(METHODS)) >= 14
+    assert set(FAST) <= set(METHODS), f"FAST names methods that are not registered: {set(FAST) - set(METHODS)}"
+    nest = get_method(NEST)
+    assert nest.config is None and nest.checkpointed and nest.report is not None
+    assert not any(m.checkpointed or m.config is None for m in list_methods()[1:])
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_registered_method_runs_a_few_steps_into_a_run_directory(digits, tmp_path, name):
     assert name in FAST, f"method {name!r} is registered but has no fast setting in FAST (tests/test_registries.py)"
     overrides, expected = FAST[name]
-    cfg = config_mod.from_dict({"model": MODEL, "method": name, "device": "cpu",
-                                "train": {"batch_size": 64, "min_steps_per_epoch": 0}, **overrides})
+    cfg = _fast_cfg(name)
     out = tmp_path / "run"
     model, report = run_method(cfg, digits, resolve_reference(cfg.model, digits), out)
 
@@ -184,3 +199,28 @@ def test_registered_method_runs_a_few_steps_into_a_run_directory(digits, tmp_pat
     assert saved.widths == widths and saved.active_weights() == active
     with torch.no_grad():
         assert torch.equal(saved(digits.test.X), model(digits.test.X))
+
+
+@pytest.mark.parametrize("name", [m.name for m in list_methods() if m.checkpointed])
+def test_checkpointed_method_resumes_exactly_through_run_method(digits, tmp_path, name):
+    """Interrupted after its third checkpoint and resumed in the same directory, the run
+    ends with the same model, history and report as one uninterrupted run."""
+    cfg = _fast_cfg(name)
+    reference = resolve_reference(cfg.model, digits)
+    model_a, report_a = run_method(cfg, digits, reference, tmp_path / "A")
+    with pytest.raises(KeyboardInterrupt):
+        run_method(cfg, digits, reference, tmp_path / "B", on_iteration=interrupt_after(3))
+    assert not (tmp_path / "B" / "report.json").exists()
+    model_b, report_b = run_method(cfg, digits, reference, tmp_path / "B", resume=True)
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    rows_a, rows_b = (read_history(tmp_path / run) for run in ("A", "B"))
+    for rows in (rows_a, rows_b):
+        for row in rows:
+            row.pop("seconds")
+    assert rows_a == rows_b and rows_a[-1]["epochs"] == report_a["budget"]["epochs"]
+    for r in (report_a, report_b):
+        r.pop("wall_seconds")
+        r["dense_reference"].pop("seconds", None)
+        r["growth"].pop("seconds", None)
+    assert json.loads(json.dumps(report_a)) == json.loads(json.dumps(report_b))
