@@ -267,6 +267,13 @@ def _relative(path: Path, base: Path) -> str:
         return str(path)
 
 
+def _criterion_text(p: dict) -> str:
+    """What chose the kept connections of a sized NeST run (its ``[pruning]`` section)."""
+    if p.get("criterion", "magnitude") == "l0":
+        return "learned hard-concrete gates, the most open kept"
+    return f"|W*| ranking, scope {p['scope']}, rewire {p['rewire']}"
+
+
 def _budget_notes(jobs: list[Job]) -> list[str]:
     """One line per method with the hyperparameters it ran with (its config section)."""
     lines, seen = ["Settings per method (epochs are the budget; the Epochs column counts what ran):", ""], set()
@@ -280,7 +287,7 @@ def _budget_notes(jobs: list[Job]) -> list[str]:
             text = (f"growth ≤ {g['max_epochs'] or g['max_iterations'] * g['epochs_per_iteration']} epochs "
                     f"({g['epochs_per_iteration']} per iteration) to target {g['target']}, then a cubic size schedule "
                     f"to the target over {p['schedule_share']:.0%} of the pruning iterations ({p['retrain_epochs']} "
-                    f"epoch each; scope {p['scope']}, learning rate per {p['lr_schedule']}, rewire {p['rewire']}), "
+                    f"epoch each; {_criterion_text(p)}, learning rate per {p['lr_schedule']}), "
                     f"final {p['final_epochs']} epochs; budget {p['budget_epochs'] or 'none'} epochs in all")
         elif j.method == "nest":
             g, p = d["growth"], d["pruning"]
