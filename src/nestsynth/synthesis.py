@@ -40,7 +40,7 @@ from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_
                      grow_neurons)
 from .growth.scores import scan_indices
 from .pruning import gates as G
-from .pruning.gates import BETA, L0Gates, L0SizeControl, keep_most_open
+from .pruning.gates import BETA, L0Gates, L0SizeControl, initial_log_alpha, keep_most_open, theta_scale
 from .pruning import (constant_rate_removal, cubic_count, effective_scores, erk_allocation, lamp_scores,
                       neurons_to_keep, output_statistics, prune_smallest_global, remove_neurons, split_removal)
 from .graph.network import KIND as GRAPH_KIND
@@ -321,10 +321,7 @@ class Synthesis:
         st, p = self.state, self.cfg.pruning
         t0 = time.monotonic()
         if self.gates is None:
-            d = G.DROPRATE
-            init = [math.log(1 - d) - math.log(d) + 0.01 * torch.randn(layer.weight.shape, generator=self.ctx.generator)
-                    for layer in self.model.layers]
-            self._attach_gates(init, G.LAM, 0)
+            self._attach_gates(initial_log_alpha(self.model, G.DROPRATE, self.ctx.generator), G.LAM, 0)
         window = (st.iteration * p.retrain_epochs, st.prune_iterations * p.retrain_epochs) \
             if p.lr_schedule == "phase" else None
         loss = self._train(self.gates, p.retrain_epochs, f"pruning {st.iteration}", p.lr_scale, window=window,
@@ -348,7 +345,7 @@ class Synthesis:
         optimizer (without weight decay) and the size controller starts at ``lam`` after
         ``step`` optimizer steps (0 for a new phase, more on resume)."""
         p, st = self.cfg.pruning, self.state
-        scale = math.sqrt(G.LR_SCALE) if self.cfg.train.optimizer == "sgd" else G.LR_SCALE
+        scale = theta_scale(G.LR_SCALE, self.cfg.train.optimizer)
         self.gates = L0Gates(self.model, log_alpha, BETA, scale, self.ctx.generator).to(self.ctx.device)
         self.optimizer.add_param_group({"params": list(self.gates.theta), "weight_decay": 0.0})
         steps = st.prune_iterations * p.retrain_epochs * self.ctx.steps_per_epoch()
@@ -377,9 +374,7 @@ class Synthesis:
         self.gates = self.gate_control = None
         self.optimizer = make_optimizer(self.model, self.cfg.train, self.state.lr_scale)
         units = self.units.prune()
-        short = target - self._live()
-        if short > 0:
-            self._grow_by_gradient(short)
+        self._top_up(target)
         return units
 
     def _finetune_step(self) -> None:
@@ -438,7 +433,7 @@ class Synthesis:
         Returns:
             (connections removed, units removed per hidden layer, connections rewired).
         """
-        p, st, model = self.cfg.pruning, self.state, self.model
+        p = self.cfg.pruning
         before = self._live()
         self._prune_connections(self._removal_counts())
         rewired = self._rewire() if p.rewire > 0 else 0
@@ -462,7 +457,8 @@ class Synthesis:
             goal = self._size_goal(st.iteration) if p.target_weights > 0 else None
         if goal is None:
             return 0
-        if p.scope == "erk":  # each layer back to its own share
+        if p.scope == "erk" and p.criterion == "magnitude":  # each layer back to its own share (the
+            # gates compete over the whole network, so theirs is one global top-up)
             live = [layer.active_connections() for layer in model.layers]
             short = [max(0, g - a) for g, a in zip(self._layer_goals(goal), live)]
             if sum(short) > 0:

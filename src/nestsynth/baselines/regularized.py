@@ -123,14 +123,13 @@ Neural Networks via Sensitivity-Driven Regularization" (NeurIPS 2018); seed 003.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..config import check
 from ..pruning import gates as G
-from ..pruning.gates import BETA, L0Gates, L0SizeControl, keep_most_open
+from ..pruning.gates import BETA, L0Gates, L0SizeControl, initial_log_alpha, keep_most_open, theta_scale
 from ..sparse import SparseMLP, set_mask
 from .context import mlp_only
 from .magnitude import steps_per_epoch
@@ -183,11 +182,8 @@ def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
         The model with mask = (z_hat > 0) and weights w * z_hat.
     """
     model = ctx.dense_model()
-    p = mcfg.init_droprate
-    init = [math.log(1 - p) - math.log(p) + 0.01 * torch.randn(layer.weight.shape, generator=ctx.generator)
-            for layer in model.layers]
-    sgd = ctx.cfg.train.optimizer == "sgd"
-    scale = math.sqrt(mcfg.gate_lr_scale) if sgd else mcfg.gate_lr_scale
+    init = initial_log_alpha(model, mcfg.init_droprate, ctx.generator)
+    scale = theta_scale(mcfg.gate_lr_scale, ctx.cfg.train.optimizer)
     gates = L0Gates(model, init, mcfg.temperature, scale, ctx.generator).to(ctx.device)
     n_train = len(ctx.X)
     control, gated_epochs = None, mcfg.epochs

@@ -186,6 +186,20 @@ class L0SizeControl:
         self.step += 1
 
 
+def initial_log_alpha(model, droprate: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """Per layer (its weight shape): ``log(1 - p) - log(p)`` plus N(0, 0.01^2) noise drawn
+    from ``generator``, p = ``droprate`` (the reference code's ``droprate_init``)."""
+    base = math.log(1 - droprate) - math.log(droprate)
+    return [base + 0.01 * torch.randn(layer.weight.shape, generator=generator) for layer in model.layers]
+
+
+def theta_scale(gate_lr_scale: float, optimizer: str) -> float:
+    """The ``scale`` of :class:`L0Gates` that makes log_alpha move ``gate_lr_scale`` times as
+    fast as the weights: ``gate_lr_scale`` under Adam (invariant to gradient scale), its
+    square root under SGD (where the step scales with ``scale**2``)."""
+    return math.sqrt(gate_lr_scale) if optimizer == "sgd" else gate_lr_scale
+
+
 @torch.no_grad()
 def keep_most_open(gates: L0Gates, keep: int) -> None:
     """Fold the gates, keeping exactly ``keep`` weights: those with the largest log_alpha.
