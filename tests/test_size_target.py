@@ -285,3 +285,15 @@ def test_l0_criterion_refuses_what_it_cannot_do(bad, words):
 
     with pytest.raises(NestError, match=words):
         _l0_cfg(**bad)
+
+
+def test_l0_criterion_overrides_are_validated_together(tmp_path):
+    """The criterion needs a size target: setting the criterion before the target in one
+    command line must work (the checks that tie keys together see every override)."""
+    from nestsynth import config as C
+    from nestsynth.errors import NestError
+
+    cfg = C.load(None, ['pruning.criterion="l0"', "pruning.target_weights=3000"])
+    assert (cfg.pruning.criterion, cfg.pruning.target_weights) == ("l0", 3000)
+    with pytest.raises(NestError, match="pruning.target_weights"):
+        C.load(None, ['pruning.criterion="l0"'])

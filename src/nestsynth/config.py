@@ -332,11 +332,10 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None,
     Raises:
         NestError: unreadable file, malformed override, unknown key, bad value.
     """
-    cfg = base or Config()
-    if path is not None:
-        cfg = from_dict(read_toml(path), cfg)
-    for item in overrides or []:
-        cfg = from_dict(parse_override(item), cfg)
+    cfg = dataclasses.replace(base) if base else Config()
+    layers = ([read_toml(path)] if path is not None else []) + [parse_override(item) for item in overrides or []]
+    for raw in layers:  # validated once, at the end: checks that tie keys together see every override
+        cfg = _merge(cfg, raw, prefix="")
     validate(cfg)
     return cfg
 
