@@ -79,14 +79,6 @@ def test_topk_mask_hand_example():
     assert torch.equal(mag.topk_mask(scores, mask, 10), mask)  # more than live: no change
 
 
-def test_global_topk_masks_hand_example():
-    scores = [torch.tensor([[0.1, 0.9], [0.5, 0.2]]), torch.tensor([[0.6, 0.05, 0.7]])]
-    masks = [torch.tensor([[1.0, 1.0], [1.0, 1.0]]), torch.tensor([[1.0, 1.0, 0.0]])]  # 0.7 dormant
-    new = mag.global_topk_masks(scores, masks, 3)  # the live 0.9, 0.6, 0.5
-    assert torch.equal(new[0], torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
-    assert torch.equal(new[1], torch.tensor([[1.0, 0.0, 0.0]]))
-
-
 def test_prune_rate_mask_removes_exact_rate():
     gen = torch.Generator().manual_seed(1)
     scores = torch.rand(20, 30, generator=gen)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from nestsynth.baselines.saliency import (grasp_scores, hessian_gradient, keep_top, kept_count,
+from nestsynth.baselines.saliency import (grasp_scores, hessian_gradient, kept_count,
                                           mean_gradient, snip_scores)
 from nestsynth.errors import NestError
+from nestsynth.select import keep_top_masks
 from nestsynth.sparse import SparseMLP
 
 
@@ -107,39 +108,6 @@ def test_grasp_hg_equals_explicit_hessian_times_gradient(activations, T):
     torch.testing.assert_close(scores, s_ref / s_ref.sum().abs(), rtol=1e-8, atol=1e-12)
 
 
-# ---- selection --------------------------------------------------------------------
-def hand_scores():
-    scores = [torch.tensor([[3.0, 1.0], [2.0, 9.0]]), torch.tensor([[4.0, -1.0, 5.0]])]
-    masks = [torch.tensor([[1.0, 1.0], [1.0, 0.0]]), torch.ones(1, 3)]  # the 9 is dormant
-    return scores, masks
-
-
-def test_keep_top_keeps_exact_count_of_largest_live():
-    scores, masks = hand_scores()
-    out = keep_top(scores, masks, 3)  # live scores 3,1,2,4,-1,5 -> keep 5,4,3
-    assert torch.equal(out[0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
-    assert torch.equal(out[1], torch.tensor([[1.0, 0.0, 1.0]]))
-    out = keep_top(scores, masks, 10)  # clipped to the 6 live weights: never revives
-    assert torch.equal(out[0], masks[0]) and torch.equal(out[1], masks[1])
-    assert sum(int(m.sum()) for m in keep_top(scores, masks, 0)) == 0
-
-
-def test_keep_top_smallest_end_for_grasp():
-    scores, masks = hand_scores()
-    out = keep_top(scores, masks, 2, largest=False)  # keep -1 and 1
-    assert torch.equal(out[0], torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
-    assert torch.equal(out[1], torch.tensor([[0.0, 1.0, 0.0]]))
-
-
-def test_keep_top_ties_by_position_and_nan_last():
-    scores = [torch.tensor([[1.0, 2.0, 2.0]]), torch.tensor([[2.0, float("nan")]])]
-    masks = [torch.ones(1, 3), torch.ones(1, 2)]
-    out = keep_top(scores, masks, 2)  # three 2's: the first two by position
-    assert out[0].tolist() == [[0.0, 1.0, 1.0]] and out[1].tolist() == [[0.0, 0.0]]
-    out = keep_top(scores, masks, 4, largest=False)  # 1, then the 2's; NaN never
-    assert out[0].tolist() == [[1.0, 1.0, 1.0]] and out[1].tolist() == [[1.0, 0.0]]
-
-
 def test_kept_count_rounds():
     assert kept_count(2720, 0.95) == 136 and kept_count(18, 0.5) == 9 and kept_count(7, 0.0) == 7
 
@@ -168,7 +136,7 @@ def test_end_to_end_on_digits(digits, name):
     assert ctx.epochs == 1 and [r["phase"] for r in ctx.history] == ["prune", "final"]
     assert ctx.history[0]["kept"] == n_keep and ctx.history[0]["score_examples"] == 200
 
-    # oracle: the same seed gives the same init and scoring batch; the mask is keep_top of the scores
+    # oracle: the same seed gives the same init and scoring batch; the mask is keep_top_masks of the scores
     ctx2, _ = make_ctx(digits, name, **opts)
     fresh = ctx2.dense_model()
     X, y = ctx2.batch(200)
@@ -176,7 +144,7 @@ def test_end_to_end_on_digits(digits, name):
         scores = snip_scores(fresh, X, y, chunk=100)
     else:
         scores = grasp_scores(fresh, X, y, 200.0, chunk=100)
-    expect = keep_top(scores, [layer.mask for layer in fresh.layers], n_keep, largest=(name == "snip"))
+    expect = keep_top_masks(scores, [layer.mask for layer in fresh.layers], n_keep, largest=(name == "snip"))
     for layer, m in zip(model.layers, expect):
         assert torch.equal(layer.mask, m)
     moved = [(layer.weight - f.weight).abs()[layer.mask == 1].max()

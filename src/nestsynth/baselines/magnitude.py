@@ -3,7 +3,7 @@ and lottery tickets (Frankle & Carbin 2019).
 
 Every method scores a connection by its weight magnitude ``|w|`` (the raw weight, not
 divided by a batch-norm scale) and turns scores and the current mask into a new mask
-with one of the pure rules below (``random_mask``, ``topk_mask``, ``global_topk_masks``,
+with one of the pure rules below (``random_mask``, ``topk_mask``, :func:`~nestsynth.select.keep_top_masks`,
 ``prune_rate_mask``, ``han_mask``); the run functions only sequence training and rules.
 Pruning never revives: every rule returns a subset of the mask it is given.
 Sparsity counts weights only (biases are never pruned).
@@ -115,6 +115,7 @@ import torch
 from ..config import check
 from ..errors import NestError
 from ..pruning import lamp_scores, prune_smallest
+from ..select import keep_top_masks
 from ..sparse import SparseMLP, set_mask
 from .registry import register_method
 
@@ -154,26 +155,6 @@ def topk_mask(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tens
         The new mask, a subset of ``mask``.
     """
     return prune_smallest(scores, mask, int(mask.sum()) - keep)
-
-
-def global_topk_masks(scores: list[torch.Tensor], masks: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
-    """Keep the ``keep`` live connections with the largest scores over all layers together.
-
-    Args:
-        scores: one score tensor per layer (its weight shape, 2-d or 4-d).
-        masks: the matching current 0/1 masks.
-        keep: survivors in total (clipped to the live count).
-
-    Returns:
-        One new mask per layer, each a subset of its old mask.
-    """
-    live = torch.cat([m.bool().flatten() for m in masks])  # (N,)
-    flat = torch.cat([s.flatten() for s in scores]).masked_fill(~live, float("-inf"))
-    keep = min(max(keep, 0), int(live.sum()))
-    chosen = torch.zeros_like(flat)
-    chosen[torch.topk(flat, keep).indices] = 1.0
-    sizes = [m.numel() for m in masks]
-    return [c.view_as(m).to(m.dtype) for c, m in zip(chosen.split(sizes), masks)]
 
 
 def prune_rate_mask(scores: torch.Tensor, mask: torch.Tensor, rate: float) -> torch.Tensor:
@@ -392,7 +373,7 @@ def oneshot_masks(model: SparseMLP, sparsity: float, scope: str) -> list[torch.T
         return layer_masks(model, sparsity)
     total = sum(layer.mask.numel() for layer in model.layers)
     scores = magnitudes(model) if scope == "global" else [lamp_scores(s) for s in magnitudes(model)]
-    return global_topk_masks(scores, [layer.mask for layer in model.layers], keep_count(total, sparsity))
+    return keep_top_masks(scores, [layer.mask for layer in model.layers], keep_count(total, sparsity))
 
 
 @register_method("oneshot", OneShotMethodConfig, "train dense, prune once by |w| to a sparsity, fine-tune")

@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check
+from ..select import keep_top_masks
 from ..sparse import set_mask
 from .registry import register_method
 
@@ -246,7 +247,7 @@ def grasp_scores(model, X: torch.Tensor, y: torch.Tensor, temperature: float = 2
     """GraSP scores ``S(-theta) = -theta ⊙ Hg``, normalised by ``|sum_j S_j|``.
 
     A HIGH score marks a weight whose removal reduces the gradient flow least
-    (or increases it): GraSP removes the highest scores (see :func:`keep_top`
+    (or increases it): GraSP removes the highest scores (see :func:`~nestsynth.select.keep_top_masks`
     with ``largest=False``).  Dormant weights score 0.
 
     Args:
@@ -261,38 +262,6 @@ def grasp_scores(model, X: torch.Tensor, y: torch.Tensor, temperature: float = 2
     _, hg = hessian_gradient(model, X, y, temperature, chunk)
     raw = [-(layer.weight.detach() * layer.mask) * h for layer, h in zip(model.layers, hg)]
     return _normalise(raw, sum(s.sum() for s in raw).abs())
-
-
-# ---- selection --------------------------------------------------------------------
-def keep_top(scores_list: list[torch.Tensor], masks_list: list[torch.Tensor], n_keep: int,
-             largest: bool = True) -> list[torch.Tensor]:
-    """Global selection: keep the ``n_keep`` live weights with the best scores, over all layers.
-
-    Dormant weights (mask 0) are never revived.  Ties are broken by position
-    (layer order, then row-major), the earlier weight first; NaN scores rank last.
-
-    Args:
-        scores_list: one score tensor per layer (its weight shape).
-        masks_list: the current 0/1 masks, same shapes.
-        n_keep: how many weights to keep (clipped to [0, live count]).
-        largest: keep the largest scores (SNIP); ``False`` keeps the smallest (GraSP).
-
-    Returns:
-        New 0/1 masks (dtype of the input masks), subsets of ``masks_list``.
-    """
-    flat = torch.cat([s.detach().flatten().double() for s in scores_list])  # (total,)
-    live = torch.cat([m.flatten() != 0 for m in masks_list]).to(flat.device).nonzero().squeeze(1)
-    vals = flat[live] if largest else -flat[live]
-    vals = torch.where(torch.isnan(vals), torch.full_like(vals, float("-inf")), vals)
-    n_keep = min(max(int(n_keep), 0), len(live))
-    order = torch.sort(vals, descending=True, stable=True).indices[:n_keep]  # stable: ties by position
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[live[order]] = True
-    out, start = [], 0
-    for m in masks_list:
-        out.append(keep[start:start + m.numel()].view_as(m).to(device=m.device, dtype=m.dtype))
-        start += m.numel()
-    return out
 
 
 def kept_count(total: int, sparsity: float) -> int:
@@ -313,7 +282,7 @@ def _prune_at_init(ctx, mcfg, score: Callable, largest: bool, **log_extra):
     scores = score(model, X, y, mcfg.batch_size)
     total = sum(layer.weight.numel() for layer in model.layers)
     n_keep = kept_count(total, mcfg.sparsity)
-    masks = keep_top(scores, [layer.mask for layer in model.layers], n_keep, largest)
+    masks = keep_top_masks(scores, [layer.mask for layer in model.layers], n_keep, largest=largest)
     for layer, m in zip(model.layers, masks):
         set_mask(layer, m)
     ctx.log("prune", 0, model, kept=n_keep, total=total, score_examples=len(X), **log_extra)

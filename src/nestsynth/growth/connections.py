@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..select import top_k
+
 
 def connections_to_grow(in_f: int, out_f: int, fraction: float) -> int:
     """Connections to add to a layer in one step: ``fraction`` of its possible ones."""
@@ -29,7 +31,7 @@ def grow_connections(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.
     k = min(k, int((candidates > 0).sum()))
     new = mask.clone()
     if k > 0:
-        new.view(-1)[torch.topk(candidates, k).indices] = 1
+        new.view(-1)[top_k(candidates, k)] = 1
     return new
 
 
@@ -47,7 +49,7 @@ def grow_connections_global(scores: list[torch.Tensor], masks: list[torch.Tensor
     k = min(k, int((flat > 0).sum()))
     chosen = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
-        chosen[torch.topk(flat, k).indices] = True
+        chosen[top_k(flat, k)] = True
     out, start = [], 0
     for m in masks:
         n = m.numel()

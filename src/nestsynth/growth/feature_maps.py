@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NestError
+from ..select import top_k
 from ..sparse.conv import MaskedConv2d
 
 
@@ -211,7 +212,7 @@ def descent_weights(g: torch.Tensor, count: int, bound: float) -> torch.Tensor:
     ``count`` positions of largest |g|, scaled so their mean magnitude is ``bound / 2`` (the
     mean of a U(-bound, bound) draw); 0 elsewhere.  Shaped like ``g``."""
     flat = g.flatten()
-    keep = torch.topk(flat.abs(), min(count, flat.numel())).indices
+    keep = top_k(flat.abs(), count)
     w = torch.zeros_like(flat)
     w[keep] = -flat[keep]
     size = float(w[keep].abs().mean())

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from ..select import top_k
+
 
 def _avg_abs_nonzero(t: torch.Tensor) -> float:
     nz = t[t != 0]
@@ -48,7 +50,7 @@ def bridge_neuron(G: torch.Tensor, beta: float, alpha: float, w_in_ref: torch.Te
     w_in, w_out = torch.zeros(N, device=G.device), torch.zeros(M, device=G.device)
     if k == 0:
         return w_in, w_out, pairs.view(M, N)
-    idx = torch.topk(scores.flatten(), k).indices
+    idx = top_k(scores, k)
     pairs[idx] = True
     m, n = idx // N, idx % N
     g = G.flatten()[idx]

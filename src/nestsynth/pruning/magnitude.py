@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..select import keep_top_masks
+
 
 def effective_scores(model, i: int) -> torch.Tensor:
     """|W*| of layer i (Eq. 9): the weight magnitude, divided by the BN scale if any."""
@@ -34,8 +36,8 @@ def prune_smallest_global(scores: list[torch.Tensor], masks: list[torch.Tensor],
     One ranking over the whole network (the "global" scope): a layer whose connections
     matter little loses more of them than one whose connections are large.  Each layer
     keeps at least ``floors[i]`` of its live connections (its largest-scoring ones), so
-    no layer is cut off.  Dormant connections are never revived.  Ties are broken by
-    position in the concatenated, flattened layers (topk order).
+    no layer is cut off.  Dormant connections are never revived.  Ties: the one selector's
+    rule (:func:`nestsynth.select.top_k`: among equal scores the lower position is kept).
 
     Args:
         scores: one score tensor per layer (its weight shape), e.g. |W*|.
@@ -52,25 +54,8 @@ def prune_smallest_global(scores: list[torch.Tensor], masks: list[torch.Tensor],
         >>> [x.tolist() for x in m]
         [[[1.0, 0.0]], [[0.0]]]
     """
-    floors = floors or [0] * len(masks)
-    ranked = []
-    for s, m, f in zip(scores, masks, floors):
-        live = m.bool().flatten()
-        r = s.flatten().to(torch.float32).masked_fill(~live, float("inf"))
-        keep = min(f, int(live.sum()))
-        if keep > 0:  # the layer's `keep` largest live scores are out of reach
-            r = r.clone()
-            r[torch.topk(r.masked_fill(~live, float("-inf")), keep).indices] = float("inf")
-        ranked.append(r)
-    flat = torch.cat(ranked)
-    n_remove = min(max(n_remove, 0), int(torch.isfinite(flat).sum()))
-    out = [m.clone() for m in masks]
-    if n_remove > 0:
-        drop = torch.zeros(flat.numel(), dtype=torch.bool)
-        drop[torch.topk(flat, n_remove, largest=False).indices.cpu()] = True
-        for o, d in zip(out, drop.split([m.numel() for m in masks])):
-            o.view(-1)[d.to(o.device)] = 0
-    return out
+    live = sum(int(m.count_nonzero()) for m in masks)
+    return keep_top_masks(scores, masks, live - max(n_remove, 0), floors=floors)
 
 
 def lamp_scores(scores: torch.Tensor) -> torch.Tensor:

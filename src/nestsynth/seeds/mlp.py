@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..select import top_k
 from ..sparse import SparseMLP
 
 
@@ -36,7 +37,7 @@ def random_connected_mask(out_f: int, in_f: int, density: float, generator: torc
     extra = round(density * out_f * in_f) - int(mask.sum())
     if extra > 0:
         scores = torch.rand(out_f, in_f, generator=generator).masked_fill_(mask.bool(), -1.0)
-        mask.view(-1)[torch.topk(scores.view(-1), extra).indices] = 1
+        mask.view(-1)[top_k(scores, extra)] = 1
     return mask
 
 

@@ -70,6 +70,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import NestError
+from ..select import top_k
 
 
 # ---- node-level topologies -------------------------------------------------------
@@ -369,7 +370,7 @@ def random_cover_mask(out_f: int, in_f: int, count: int, generator: torch.Genera
     extra = count - cover
     if extra > 0:
         scores = torch.rand(out_f, in_f, generator=generator).masked_fill_(mask.bool(), -1.0)
-        mask.view(-1)[torch.topk(scores.view(-1), extra).indices] = 1.0
+        mask.view(-1)[top_k(scores, extra)] = 1.0
     return mask
 
 
