@@ -7,6 +7,7 @@ leaves the last checkpoint in place and exits with 130, SIGTERM the same with 14
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from . import config as config_mod
+from . import distributed
 from .errors import NestError
 
 
@@ -248,6 +250,12 @@ def _on_sigterm(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
+def _rank_tag() -> str:
+    """" (rank N)" for a process other than rank 0 under torchrun, else ""."""
+    d = distributed.current()
+    return f" (rank {d.rank})" if d.active and not d.is_main else ""
+
+
 def _stop_word() -> str:
     return "terminated (SIGTERM)" if _SIGNAL["terminated"] else "interrupted"
 
@@ -274,24 +282,32 @@ def cmd_synthesize(args) -> int:
         cfg = config_mod.load(args.config, sets)
         out = Path(args.out) if args.out else default_run_dir(cfg)
         ckpt.check_can_write(out, "--out", directory=True)
+    dist = distributed.init_from_env(cfg.device)
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir or None, val_fraction=cfg.data.val_fraction,
                         split_seed=cfg.data.split_seed)
     reference = resolve_reference(cfg.model, data)
-    _check_device_and_size(cfg.device, reference)
-    tell = Progress(cfg, args.quiet, resume=args.resume)
-    if args.resume and not args.quiet:
+    _check_device_and_size(distributed.run_device(cfg.device), reference)
+    quiet = args.quiet or not dist.is_main  # under torchrun rank 0 alone prints and writes
+    tell = Progress(cfg, quiet, resume=args.resume)
+    if args.resume and not quiet:
         print(f"resuming {out} from its last checkpoint", flush=True)
-    elif cfg.method != "nest" and not args.quiet:  # a baseline's first row may come after a long dense phase
+    elif cfg.method != "nest" and not quiet:  # a baseline's first row may come after a long dense phase
         print(f"{cfg.method}: running; a line follows each step it logs...", flush=True)
+    if dist.active and not quiet:
+        print(f"{dist.world_size} processes ({dist.backend}): a total batch of {cfg.train.batch_size}, "
+              f"{cfg.train.batch_size / dist.world_size:g} per process, learning rate {cfg.train.lr:g}", flush=True)
     try:
-        with ckpt.run_lock(out):
+        with ckpt.run_lock(out) if dist.is_main else contextlib.nullcontext():
             _, report = run_method(cfg, data, reference, out, resume=args.resume,
-                                   progress=not args.quiet and sys.stderr.isatty(), on_iteration=tell)
+                                   progress=not quiet and sys.stderr.isatty(), on_iteration=tell)
     except KeyboardInterrupt:
         method = f" --method {cfg.method}" if args.command == "prune" else ""
-        print(f"{_stop_word()}: the last checkpoint is in {out}; continue with nestsynth {args.command}{method} "
-              f"--out {out} --resume", file=sys.stderr)
+        if dist.is_main:
+            print(f"{_stop_word()}: the last checkpoint is in {out}; continue with nestsynth {args.command}"
+                  f"{method} --out {out} --resume", file=sys.stderr)
         return 130
+    if not dist.is_main:
+        return 0
     print(format_layer_table(report))
     outcome = format_outcome(report, ckpt.read_jsonl(ckpt.metrics_path(out)), cfg.pruning.max_iterations)
     if outcome:
@@ -421,14 +437,22 @@ def _dense_weights(base) -> int:
     return resolve_reference(base.model, data).dense_weights()
 
 
-def _run_batch(jobs, args, out: Path):
+def _run_batch(jobs, args, out: Path, device: str):
+    """Run the jobs (under torchrun: all processes share each run, one run after another);
+    returns (finished, failures), on processes other than rank 0 (which write nothing) None."""
     from .baselines.compare import run_all
 
+    dist = distributed.init_from_env(device)
+    if dist.active and args.jobs > 1:
+        raise NestError("--jobs runs several processes of its own; under torchrun the processes share each run, "
+                        "so drop --jobs (the runs go one after another).")
     try:
-        return run_all(jobs, None, args.jobs, args.threads, tell=print)
+        result = run_all(jobs, None, args.jobs, args.threads, tell=print if dist.is_main else lambda line: None)
+        return result if dist.is_main else None
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished runs are kept in {out}; run the same command to continue",
-              file=sys.stderr)
+        if dist.is_main:
+            print(f"\ninterrupted: finished runs are kept in {out}; run the same command to continue",
+                  file=sys.stderr)
         raise SystemExit(130) from None
 
 
@@ -456,7 +480,10 @@ def cmd_compare(args) -> int:
     jobs = plan(base, methods, list(range(args.first_seed, args.first_seed + args.seeds)), out, sizes, args.epochs, dense)
     title = args.title or f"{base.model} on {base.data.dataset}: {args.seeds} seeds per method" + \
         (f", {args.epochs} epochs per run" if args.epochs else "")
-    finished, failures = _run_batch(jobs, args, out)
+    batch = _run_batch(jobs, args, out, base.device)
+    if batch is None:
+        return 0
+    finished, failures = batch
     if sizes:
         paths = write_curves(finished, jobs, out, title, failures)
         return _report_batch(paths, failures, len(jobs), paths[1])
@@ -475,7 +502,10 @@ def cmd_sweep(args) -> int:
     base = _batch_base(args)
     out = Path(args.out) if args.out else Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"sweep_{key}")
     jobs = plan_sweep(base, key, values, list(range(args.first_seed, args.first_seed + args.seeds)), out)
-    finished, failures = _run_batch(jobs, args, out)
+    batch = _run_batch(jobs, args, out, base.device)
+    if batch is None:
+        return 0
+    finished, failures = batch
     title = args.title or f"{base.model} on {base.data.dataset}: {key} sweep, {args.seeds} seeds"
     paths = write_sweep(finished, jobs, key, out, title, failures)
     return _report_batch(paths, failures, len(jobs), paths[0])
@@ -512,10 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = handlers[args.command](args)
     except NestError as exc:
-        print(f"nestsynth: error: {exc}", file=sys.stderr)
+        if distributed.current().is_main or not getattr(exc, "collective", False):
+            print(f"nestsynth{_rank_tag()}: error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
-        print(_stop_word(), file=sys.stderr)
+        if distributed.current().is_main:
+            print(_stop_word(), file=sys.stderr)
         code = 130
     except SystemExit as exc:  # a handler that exits by itself after an interrupt (130)
         if exc.code != 130:
@@ -527,13 +559,20 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     except (MemoryError, RuntimeError) as exc:
         if not isinstance(exc, MemoryError) and not re.search(r"out of memory|can't allocate memory", str(exc)):
-            raise
+            if not distributed.current().active:
+                raise
+            # under torchrun: a collective failed, most often because another process stopped
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"nestsynth{_rank_tag()}: error: stopping because another process of this launch stopped or "
+                  f"a collective failed ({first[:200]}).", file=sys.stderr)
+            return 1
         print("nestsynth: error: ran out of memory; choose smaller widths, train.batch_size or "
               "train.eval_batch_size.", file=sys.stderr)
         code = 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        distributed.shutdown()
     return 143 if code == 130 and _SIGNAL["terminated"] else code
 
 

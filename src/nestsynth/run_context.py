@@ -26,6 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config
 from .data import DataBundle, random_affine
+from .distributed import current
 from .errors import NestError
 from .graph.network import SparseGraph
 from .metrics import activation_density, layer_table
@@ -292,6 +293,7 @@ class RunContext:
             seconds, **extra}``.
         """
         seconds = time.monotonic() - self._t0 if seconds is None else seconds
+        current().check_masks(model, f"{phase} {iteration}")  # under torchrun: every logged unit of work
         return {"phase": phase, "iteration": iteration, "weights": model.active_weights(),
                 "layer_weights": model.active_per_layer(), "neurons": model.widths[1:-1],
                 "val_error": val, "epochs": self.epochs, "seconds": round(seconds, 3), **extra}
@@ -323,6 +325,7 @@ class RunContext:
         out = self.out
         if out is None or (self.resume and checkpointed):
             return
+        dist = current()
         if out.exists() and not out.is_dir():
             raise NestError(f"--out {str(out)!r} is a file, not a directory.")
         config = ckpt.config_path(out)
@@ -332,8 +335,10 @@ class RunContext:
             from .config import load
             if load(config).digest() != self.cfg.digest():
                 raise NestError(f"{str(out)!r} holds a run of another config; start a new run instead.")
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(config, self.cfg.to_toml())
+        dist.barrier()  # under torchrun: every rank has checked before rank 0 writes
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(config, self.cfg.to_toml())
 
     def measure(self, model) -> tuple[list[dict], float | None]:
         """(per-layer rows of :func:`~nestsynth.metrics.layer_table`, test error) of a final
@@ -343,8 +348,9 @@ class RunContext:
         return layer_table(model, act), self.test_error(model)
 
     def write_outputs(self, model, report: dict) -> None:
-        """metrics.jsonl (the history), report.json, model.pt and the plots in ``out``."""
-        if self.out is None:
+        """metrics.jsonl (the history), report.json, model.pt and the plots in ``out`` (by
+        rank 0 alone under torchrun)."""
+        if self.out is None or not current().is_main:
             return
         from .report import write_run_outputs
 

@@ -35,6 +35,7 @@ import torch
 from . import checkpoint as ckpt
 from .baselines.registry import NEST, register_method
 from .config import Config
+from .distributed import current
 from .errors import NestError
 from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_connections_global,
                      grow_neurons)
@@ -603,7 +604,7 @@ class Synthesis:
         self.optimizer = make_optimizer(self.model, self.cfg.train, self.state.lr_scale)
 
     def _snapshot(self, name: str) -> None:
-        if self.ctx.out is not None:
+        if self.ctx.out is not None and current().is_main:
             ckpt.atomic_torch_save(self._model_state(), ckpt.checkpoint_path(self.ctx.out, name))
 
     def _checkpoint(self) -> dict:
@@ -622,7 +623,7 @@ class Synthesis:
         self._clock = now
         self._last = self._checkpoint()
         out = self.ctx.out
-        if out is not None:
+        if out is not None and current().is_main:  # under torchrun rank 0 alone writes
             ckpt.atomic_torch_save(self._last, ckpt.checkpoint_path(out))
             ckpt.write_jsonl(ckpt.metrics_path(out), self.state.history)
         if self.ctx.on_iteration is not None:

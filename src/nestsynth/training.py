@@ -128,17 +128,29 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
     Raises:
         NonFiniteLoss: as soon as a batch loss is NaN or infinite.
     """
+    from .distributed import current
+
     model.train()
     steps = math.ceil(len(X) / batch_size) if steps is None else steps
     batches = batch_indices(len(X), batch_size, steps, generator) if len(X) else []
     total, count = 0.0, 0
+    dist = current()
     for b, idx in enumerate(batches):
         if lr_at is not None:
             set_lr(optimizer, lr_at(b))
         idx = idx.to(X.device)
         xb, yb = X[idx], y[idx]
         if augment is not None:
-            xb = augment(xb)
+            xb = augment(xb)  # the whole global batch on every rank: the generator stays in step
+        if dist.active:
+            loss = _shared_step(model, xb, yb, optimizer, penalty, dist)
+            if after_step is not None:
+                after_step()
+            total += loss * len(idx)
+            count += len(idx)
+            if progress is not None:
+                progress(len(idx))
+            continue
         loss = F.cross_entropy(model(xb), yb)
         full = loss + penalty() if penalty is not None else loss
         if not torch.isfinite(full):
@@ -152,12 +164,53 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
         count += len(idx)
         if progress is not None:
             progress(len(idx))
+    if dist.active:
+        dist.average_norm_statistics(model)
     return total / max(count, 1)
+
+
+def _shared_step(model, xb: torch.Tensor, yb: torch.Tensor, optimizer, penalty, dist) -> float:
+    """One optimizer step of a global batch split across ranks (:mod:`nestsynth.distributed`).
+
+    This rank's loss is the sum over its slice divided by the GLOBAL batch size (plus the
+    penalty divided by the number of ranks), so the gradients summed across ranks are
+    those of the global batch's mean loss (plus the penalty), as one process computes
+    them.  The loss is checked for NaN after the reduction, so every rank raises together.
+
+    Returns:
+        The global batch's mean loss (without the penalty).
+
+    Raises:
+        NonFiniteLoss: the global loss (with the penalty) is NaN or infinite.
+    """
+    size = len(yb)
+    mine = dist.shard(xb, yb)
+    # a rank whose slice is empty (a last batch smaller than the ranks) still runs a forward
+    # pass, weighted 0, so the draws a forward makes (L0 gate noise) stay in step
+    weight = 1.0 if len(mine[1]) else 0.0
+    xb, yb = mine if weight else (xb[:2], yb[:2])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    local = F.cross_entropy(model(xb), yb, reduction="sum") * weight
+    extra = penalty() if penalty is not None else None
+    (local / size + (extra / dist.world_size if extra is not None else 0.0)).backward()
+    loss_sum = float(dist.reduce_gradients(params, local.detach().reshape(1))[0])
+    loss = loss_sum / size
+    full = loss + (float(extra.detach()) if extra is not None else 0.0)
+    if not math.isfinite(full):
+        raise NonFiniteLoss(f"training loss became {full}")
+    optimizer.step()
+    return loss
 
 
 @torch.no_grad()
 def evaluate(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> tuple[float, float]:
     """(error rate, mean loss) of the model in eval mode."""
+    from .distributed import current
+
+    dist = current()
+    n = max(len(X), 1)
+    X, y = dist.shard(X, y)  # under torchrun each rank evaluates its part; the counts are summed
     was_training = model.training
     model.eval()
     wrong, loss = 0, 0.0
@@ -167,5 +220,8 @@ def evaluate(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) ->
         wrong += int((logits.argmax(1) != yb).sum())
         loss += float(F.cross_entropy(logits, yb, reduction="sum"))
     model.train(was_training)
-    n = max(len(X), 1)
+    if dist.active:
+        wrong, loss = dist.all_reduce_sum([torch.tensor([wrong, loss], dtype=torch.float64,
+                                                        device=dist.device())])[0].tolist()
+        wrong = int(round(wrong))
     return wrong / n, loss / n

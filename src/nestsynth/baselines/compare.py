@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import checkpoint as ckpt
 from .. import config as config_mod
 from ..config import Config
+from ..distributed import current
 from ..errors import NestError
 from .registry import get_method, method_names
 from .runner import is_finished
@@ -196,15 +197,20 @@ def _run_job(job: Job, data_dir: str | None, threads: int) -> dict:
     cfg = config_mod.from_dict(config_mod.tomllib.loads(job.cfg_toml))
     if data_dir:
         cfg = config_mod.from_dict({"data": {"data_dir": data_dir}}, cfg)
+    dist = current()
+    dist.barrier()  # under torchrun: rank 0 has written the last job before any rank reads
     if is_finished(job.run_dir, cfg):
         return {"reused": True, **json.loads(ckpt.report_path(job.run_dir).read_text())}
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir or None, val_fraction=cfg.data.val_fraction,
                         split_seed=cfg.data.split_seed)
     reference = resolve_reference(cfg.model, data)
     resume = ckpt.config_path(job.run_dir).is_file()
+    dist.barrier()  # every rank has read the directory before rank 0 changes it
     if resume and get_method(cfg.method).checkpointed and not ckpt.checkpoint_path(job.run_dir).is_file():
         resume = False
-        ckpt.config_path(job.run_dir).unlink()
+        if dist.is_main:
+            ckpt.config_path(job.run_dir).unlink()
+        dist.barrier()
     _, report = run_method(cfg, data, reference, job.run_dir, resume=resume)
     return {"reused": False, **report}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import checkpoint as ckpt
 from ..config import Config
 from ..data import DataBundle
+from ..distributed import current
 from ..registry import CNNSpec, GraphSpec, ModelSpec
 from ..run_context import RunContext
 from ..sanity import check_run, emit
@@ -55,6 +56,11 @@ def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | CNNSpec | G
     model = method.run(ctx, method.settings(cfg))
     model.zero_dormant()
     report = (method.report or method_report)(ctx, model, time.monotonic() - t0)
+    dist = current()
+    if dist.active:  # a single process's report.json stays as it was
+        t = cfg.train
+        report["distributed"] = {**dist.summary(), "total_batch": t.batch_size,
+                                 "batch_per_rank": t.batch_size / dist.world_size, "lr": t.lr}
     ctx.write_outputs(model, report)
     return model, report
 

@@ -46,16 +46,19 @@ def gradient_scan(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 204
         grads: compute the dense weight gradients (False: ``grads`` is empty, e.g. when
             connection growth ranks with the memory-bounded :func:`growth.conv.top_dormant`).
     """
+    from ..distributed import current
     from .conv import weight_gradient
 
     was_training = model.training
     model.eval()
     n = len(X)
+    dist = current()
+    X, y = dist.shard(X, y)  # under torchrun: this rank's part of the sample, summed below
     grads = [torch.zeros_like(layer.weight) for layer in model.layers] if grads else []
     linear = [layer.weight.dim() == 2 for layer in model.layers]
     bridge = [torch.zeros(model.layers[h + 1].out_features, model.layers[h].in_features, device=X.device)
               if linear[h] and linear[h + 1] else None for h in range(model.n_hidden)] if bridges else []
-    for start in range(0, n, batch_size):
+    for start in range(0, len(X), batch_size):
         xb, yb = X[start:start + batch_size], y[start:start + batch_size]
         inputs, outputs = model.trace(xb)
         loss = F.cross_entropy(outputs[-1], yb, reduction="sum") / n
@@ -67,4 +70,5 @@ def gradient_scan(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 204
                 if g is not None:
                     g += deltas[h + 1].T @ inputs[h]
     model.train(was_training)
+    dist.all_reduce_sum(grads + [g for g in bridge if g is not None])  # before any top-k
     return GradientScan(grads, bridge, n)

@@ -37,8 +37,13 @@ def output_statistics(model, X: torch.Tensor, batch_size: int = 2048):
     Returns:
         (abs_means, means): lists with one (width_h,) tensor per hidden layer.
     """
+    from ..distributed import current
+
     was_training = model.training
     model.eval()
+    n = max(len(X), 1)
+    dist = current()
+    X = dist.shard(X)[0]  # under torchrun: this rank's part, the sums are summed across ranks
     abs_sum = [torch.zeros(l.out_features, device=X.device) for l in model.layers[:-1]]
     sums = [torch.zeros_like(t) for t in abs_sum]
     for start in range(0, len(X), batch_size):
@@ -47,7 +52,7 @@ def output_statistics(model, X: torch.Tensor, batch_size: int = 2048):
             abs_sum[h] += act.abs().sum(0)
             sums[h] += act.sum(0)
     model.train(was_training)
-    n = max(len(X), 1)
+    dist.all_reduce_sum(abs_sum + sums)  # before any threshold
     return [t / n for t in abs_sum], [t / n for t in sums]
 
 

@@ -1,0 +1,222 @@
+"""Several processes under torchrun (gloo on the CPU): identical masks on every rank, results
+close to one process, a forced mismatch caught, resume, Ctrl-C; the CUDA path when a GPU exists.
+
+Every multi-process test launches ``python -m torch.distributed.run --standalone
+--nproc_per_node=2 -m nestsynth ...`` on the bundled digits with a short budget and one
+thread per process.
+
+Tolerance against one process: the two processes sum two half-batch gradients (and two
+half-sample scans) where one process sums one batch, so the floating-point additions come
+in another order and the weights differ in their last bits.  A mask is chosen by a top-k or
+threshold over those numbers, so a borderline entry could go the other way, and the
+difference then grows with the steps that follow.  So the comparison is not exact: the
+per-row training loss must agree to 1e-4 (relative), the active weights of every logged
+row to 1% and the validation and test errors to 2 percentage points (6 of the 288
+validation examples).  On this machine the runs below agree exactly in every mask count
+and error and in the loss to ~1e-8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nestsynth import distributed
+from nestsynth.cli import main
+from nestsynth.sparse import SparseMLP
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "digits-quick.toml")
+SHORT = ["--set", "dense.epochs=2", "--set", "growth.max_iterations=3", "--set", "growth.epochs_per_iteration=1",
+         "--set", "pruning.max_iterations=3", "--set", "pruning.retrain_epochs=1", "--set", "pruning.recover_epochs=0",
+         "--set", "train.min_steps_per_epoch=20"]
+GRADUAL = ["--method", "gradual", "--dataset", "digits", "--model", "mlp:64-64-32-10",
+           "--set", "methods.gradual.epochs=6", "--set", "methods.gradual.begin_epoch=1",
+           "--set", "methods.gradual.end_epoch=4", "--set", "methods.gradual.frequency=20",
+           "--set", "train.min_steps_per_epoch=30"]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def torchrun(args: list[str], n: int = 2, timeout: float = 240, **env) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=n -m nestsynth ARGS`` (one thread per process)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "nestsynth", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _report(run: Path) -> dict:
+    return json.loads((run / "report.json").read_text())
+
+
+def _assert_close(one: Path, two: Path) -> None:
+    """The 2-process run matches the single-process one within the module's tolerance."""
+    a, b = _rows(one), _rows(two)
+    assert [(r["phase"], r["iteration"]) for r in a] == [(r["phase"], r["iteration"]) for r in b]
+    for x, y in zip(a, b):
+        assert abs(x["weights"] - y["weights"]) <= 0.01 * x["weights"], (x, y)
+        assert abs(x["val_error"] - y["val_error"]) <= 0.02, (x, y)
+        if x.get("train_loss") is not None:
+            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-4)
+    ra, rb = _report(one), _report(two)
+    assert abs(ra["test_error"] - rb["test_error"]) <= 0.02
+    assert "distributed" not in ra  # a single process's report is as it was
+
+
+def _assert_checked(run: Path, n_rows: int) -> dict:
+    """report.json's distributed block: one mask comparison per logged row, none failed."""
+    d = _report(run)["distributed"]
+    assert d == {"world_size": 2, "backend": "gloo", "mask_checks": n_rows, "mask_mismatches": 0,
+                 "total_batch": 128, "batch_per_rank": 64.0, "lr": 0.001}
+    assert not (run / ".lock").exists()
+    return d
+
+
+# ---- single process: every helper is a no-op ------------------------------------------------
+def test_single_process_is_a_no_op():
+    d = distributed.current()
+    assert not d.active and d.is_main and d.world_size == 1 and d.backend is None
+    x, y = torch.arange(6.0), torch.arange(6)
+    assert all(a is b for a, b in zip(d.shard(x, y), (x, y)))
+    t = torch.ones(3)
+    d.all_reduce_sum([t])
+    assert t.tolist() == [1.0, 1.0, 1.0]
+    d.check_masks(SparseMLP([4, 3, 2]), "anywhere")
+    assert d.mask_checks == 0
+
+
+def test_mask_digest_sees_one_bit_and_the_widths():
+    a, b = SparseMLP([4, 3, 2]), SparseMLP([4, 3, 2])
+    assert distributed.mask_digest(a) == distributed.mask_digest(b)
+    b.layers[1].mask.view(-1)[4] = 0
+    assert distributed.mask_digest(a) != distributed.mask_digest(b)
+    assert distributed.mask_digest(SparseMLP([4, 3, 2])) != distributed.mask_digest(SparseMLP([4, 5, 2]))
+
+
+def test_shard_splits_the_rows_without_overlap():
+    parts = [distributed.Dist(3, r).shard(torch.arange(8))[0].tolist() for r in range(3)]
+    assert parts == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+# ---- two processes ------------------------------------------------------------------------------
+def test_nest_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["synthesize", "--config", CONFIG, "--out", str(one), "--quiet", *SHORT]) == 0
+    r = torchrun(["synthesize", "--config", CONFIG, "--out", str(two), *SHORT])
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_checked(two, len(_rows(two)))
+    _assert_close(one, two)
+    assert r.stdout.count("run directory:") == 1  # rank 0 alone prints
+    assert "2 processes (gloo): a total batch of 128, 64 per process, learning rate 0.001" in r.stdout
+
+
+def test_baseline_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["prune", *GRADUAL, "--out", str(one), "--quiet"]) == 0
+    r = torchrun(["prune", *GRADUAL, "--out", str(two), "--quiet"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_checked(two, len(_rows(two)))
+    _assert_close(one, two)
+
+
+def test_forced_mismatch_stops_every_rank_with_one_sentence(tmp_path):
+    out = tmp_path / "run"
+    r = torchrun(["synthesize", "--config", CONFIG, "--out", str(out), "--quiet", *SHORT],
+                 **{distributed.FLIP_ENV: "1:3"})  # rank 1 flips a bit before the third check (growth 0)
+    assert r.returncode != 0
+    sentence = ("nestsynth: error: the ranks' masks differ after growth 0 (rank 1 against rank 0), so the "
+                "processes no longer train one network")
+    assert (r.stdout + r.stderr).count(sentence) == 1
+    assert "exitcode  : 2" in r.stderr  # both workers exited with the user-error status, no hang
+    assert 'nestsynth/' not in r.stderr.split("ChildFailedError")[0]  # no traceback of ours
+    assert not (out / "report.json").exists() and not (out / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_under_two_processes(tmp_path):
+    """Ctrl-C (SIGINT to the launch's process group) stops both ranks; ``--resume`` under
+    torchrun ends exactly where an uninterrupted 2-process run ends."""
+    sets = [*SHORT, "--set", "growth.max_iterations=6", "--set", "train.min_steps_per_epoch=150"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert torchrun(["synthesize", "--config", CONFIG, "--out", str(full), "--quiet", *sets]).returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nestsynth",
+           "synthesize", "--config", CONFIG, "--out", str(cut), "--quiet", *sets]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = cut / "metrics.jsonl"
+        if metrics.is_file() and sum(1 for line in metrics.read_text().splitlines()
+                                     if '"phase": "growth"' in line) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (cut / "report.json").exists()
+    assert "continue with nestsynth synthesize --out" in err
+    r = torchrun(["synthesize", "--out", str(cut), "--resume", "--quiet"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [(x["phase"], x["weights"], x["val_error"]) for x in _rows(cut)] == \
+        [(x["phase"], x["weights"], x["val_error"]) for x in _rows(full)]
+    a, b = _report(full), _report(cut)
+    assert a["test_error"] == b["test_error"] and a["weights"] == b["weights"]
+    ma = torch.load(full / "model.pt", weights_only=True)["model"]
+    mb = torch.load(cut / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert b["distributed"]["mask_mismatches"] == 0 and b["distributed"]["mask_checks"] > 0
+
+
+@pytest.mark.slow
+def test_compare_under_two_processes(tmp_path):
+    out = tmp_path / "cmp"
+    r = torchrun(["compare", "--methods", "gradual,oneshot", "--seeds", "1", "--dataset", "digits",
+                  "--model", "mlp:64-64-32-10", "--out", str(out), "--set", "train.min_steps_per_epoch=20",
+                  "--set", "methods.gradual.epochs=3", "--set", "methods.gradual.begin_epoch=1",
+                  "--set", "methods.gradual.end_epoch=2", "--set", "methods.gradual.frequency=10",
+                  "--set", "methods.oneshot.dense_epochs=1", "--set", "methods.oneshot.finetune_epochs=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "comparison.md").is_file() and r.stdout.count("wrote ") >= 1
+    for method in ("gradual", "oneshot"):
+        d = _report(out / method / "seed0")["distributed"]
+        assert d["world_size"] == 2 and d["mask_checks"] > 0 and d["mask_mismatches"] == 0
+
+
+def test_compare_refuses_jobs_under_torchrun(tmp_path):
+    r = torchrun(["compare", "--methods", "gradual", "--seeds", "1", "--dataset", "digits", "--jobs", "2",
+                  "--model", "mlp:64-64-32-10", "--out", str(tmp_path / "cmp")])
+    assert r.returncode != 0
+    assert "nestsynth: error: --jobs runs several processes of its own" in r.stderr
+
+
+# ---- CUDA --------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_synthesis(tmp_path):
+    one = tmp_path / "one"
+    assert main(["synthesize", "--config", CONFIG, "--out", str(one), "--quiet", "--device", "cuda", *SHORT]) == 0
+    assert _report(one)["environment"]["device"].startswith("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_nccl_two_processes(tmp_path):
+    out = tmp_path / "two"
+    r = torchrun(["synthesize", "--config", CONFIG, "--out", str(out), "--quiet", "--device", "cuda", *SHORT])
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = _report(out)["distributed"]
+    assert d["backend"] == "nccl" and d["mask_checks"] == len(_rows(out)) and d["mask_mismatches"] == 0
