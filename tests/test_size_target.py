@@ -267,19 +267,74 @@ def test_l0_criterion_resume_is_exact(digits, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_l0_criterion_on_a_cnn_hits_the_target(digits):
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_l0_criterion_on_a_cnn_hits_the_target(digits, share):
     from test_synthesis_cnn import small_cnn_cfg
 
     cfg = small_cnn_cfg(pruning={"criterion": "l0", "target_weights": 400, "schedule_steps": 4,
-                                 "schedule_share": 0.5, "final_epochs": 1, "max_iterations": 4})
+                                 "schedule_share": 0.5, "final_epochs": 1, "max_iterations": 4,
+                                 "flops_share": share})
     syn, model, report = _run(cfg, digits)
     assert sum(layer.active_connections() for layer in model.layers) == 400
     assert report["pruning"]["stop_reason"] == "target"
+    # partial-area convolution goes on under the gates: every gated iteration switches positions off
+    prune = [r for r in syn.state.history if r["phase"] == "pruning"]
+    assert prune and all(r["pruned_area"] > 0 for r in prune)
+
+
+def test_flops_costs_hand_counts():
+    """A conv weight costs the positions its kernel computes (metrics.conv_macs is the
+    oracle), a linear weight 1; the costs average 1 over the live weights."""
+    from nestsynth.metrics import conv_macs
+    from nestsynth.pruning.gates import flops_costs, macs_per_weight
+    from nestsynth.sparse import set_mask
+    from nestsynth.sparse.conv import MaskedConv2d
+    from nestsynth.sparse.mlp import MaskedLinear
+
+    conv = MaskedConv2d(1, 2, 3, (4, 4), generator=torch.Generator().manual_seed(0))
+    conv.area[0, :2] = 0  # kernel 0 computes 8 of its 16 positions
+    m = macs_per_weight(conv)
+    assert m.shape == conv.weight.shape and m[0].unique().tolist() == [8.0] and m[1].unique().tolist() == [16.0]
+    assert float((m * conv.mask).sum()) == conv_macs(conv) == 9 * 8 + 9 * 16
+    fc = MaskedLinear(5, 3, generator=torch.Generator().manual_seed(0))
+    set_mask(fc, (torch.arange(15).view(3, 5) < 12).float())  # 12 live
+    assert torch.equal(macs_per_weight(fc), torch.ones(3, 5))
+
+    class Net:
+        layers = [conv, fc]
+    mean = (9 * 8 + 9 * 16 + 12) / (18 + 12)
+    assert flops_costs(Net, 0.0) is None
+    c = flops_costs(Net, 0.5)
+    assert torch.allclose(c[0][0], torch.full((1, 3, 3), 0.5 + 0.5 * 8 / mean))
+    assert torch.allclose(c[1], torch.full((3, 5), 0.5 + 0.5 / mean))
+    full = flops_costs(Net, 1.0)
+    live_mean = (float((full[0] * conv.mask).sum()) + float((full[1] * fc.mask).sum())) / 30
+    assert live_mean == pytest.approx(1.0)
+
+
+def test_gate_penalty_prices_each_weight_by_its_cost():
+    """d penalty / d theta of a gate is its cost times that of a unit-cost gate at the same
+    log_alpha (autograd, against the closed form)."""
+    from nestsynth.pruning.gates import BETA, L0Gates, prob_nonzero
+    from nestsynth.sparse import SparseMLP
+
+    model = SparseMLP([3, 2], "relu", generator=torch.Generator().manual_seed(0))
+    la = [torch.zeros(2, 3)]
+    cost = [torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, 1.0]])]
+    gates = L0Gates(model, la, BETA, 1.0, cost=cost)
+    gates.penalty(0.3, 10).backward()
+    p = prob_nonzero(torch.zeros(()), BETA)
+    expect = 0.3 / 10 * p * (1 - p) * cost[0]
+    assert torch.allclose(gates.theta[0].grad, expect)
+    plain = L0Gates(model, la, BETA, 1.0)
+    assert float(plain.penalty(0.3, 10).detach()) == pytest.approx(0.3 / 10 * 6 * float(p))
 
 
 @pytest.mark.parametrize("bad, words", [({"target_weights": 0}, "pruning.target_weights"),
                                         ({"rewire": 0.1}, "pruning.rewire"),
-                                        ({"criterion": "taylor"}, "magnitude or l0")])
+                                        ({"criterion": "taylor"}, "magnitude or l0"),
+                                        ({"flops_share": 1.5}, "in \\[0, 1\\]"),
+                                        ({"criterion": "magnitude", "flops_share": 0.5}, "pruning.flops_share")])
 def test_l0_criterion_refuses_what_it_cannot_do(bad, words):
     from nestsynth.errors import NestError
 

@@ -41,7 +41,7 @@ from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_
                      grow_neurons)
 from .growth.scores import scan_indices
 from .pruning import gates as G
-from .pruning.gates import BETA, L0Gates, L0SizeControl, initial_log_alpha, keep_most_open, theta_scale
+from .pruning.gates import BETA, L0Gates, L0SizeControl, flops_costs, initial_log_alpha, keep_most_open, theta_scale
 from .pruning import (constant_rate_removal, cubic_count, effective_scores, erk_allocation, lamp_scores,
                       neurons_to_keep, output_statistics, prune_smallest_global, remove_neurons, split_removal)
 from .graph.network import KIND as GRAPH_KIND
@@ -323,6 +323,11 @@ class Synthesis:
         t0 = time.monotonic()
         if self.gates is None:
             self._attach_gates(initial_log_alpha(self.model, G.DROPRATE, self.ctx.generator), G.LAM, 0)
+        area = {}
+        if self.units.has_area:  # partial-area convolution goes on under the gates (scored on the gated net)
+            self._prune_area(self._score_data()[0], self.gates.deterministic_model())
+            self.gates.cost = flops_costs(self.model, p.flops_share)  # a smaller area makes a weight cheaper
+            area = {"pruned_area": self.area_removed}
         window = (st.iteration * p.retrain_epochs, st.prune_iterations * p.retrain_epochs) \
             if p.lr_schedule == "phase" else None
         loss = self._train(self.gates, p.retrain_epochs, f"pruning {st.iteration}", p.lr_scale, window=window,
@@ -331,7 +336,7 @@ class Synthesis:
         extra = {"expected_l0": round(float(self.gates.expected_l0().detach()), 1), "lam": self.gate_control.lam,
                  "goal": self.gate_control.goal(self.gate_control.step)}
         self._log("pruning", st.iteration, val=val, model=self.gates.deterministic_model(), loss=loss,
-                  seconds=time.monotonic() - t0, accepted=True, **extra)
+                  seconds=time.monotonic() - t0, accepted=True, **extra, **area)
         st.iteration += 1
         if st.iteration < st.prune_iterations:
             return
@@ -347,7 +352,8 @@ class Synthesis:
         ``step`` optimizer steps (0 for a new phase, more on resume)."""
         p, st = self.cfg.pruning, self.state
         scale = theta_scale(G.LR_SCALE, self.cfg.train.optimizer)
-        self.gates = L0Gates(self.model, log_alpha, BETA, scale, self.ctx.generator).to(self.ctx.device)
+        self.gates = L0Gates(self.model, log_alpha, BETA, scale, self.ctx.generator,
+                             flops_costs(self.model, p.flops_share)).to(self.ctx.device)
         self.optimizer.add_param_group({"params": list(self.gates.theta), "weight_decay": 0.0})
         steps = st.prune_iterations * p.retrain_epochs * self.ctx.steps_per_epoch()
         self.gate_control = L0SizeControl(self.gates, lam, p.target_weights, steps, G.GAIN, p.schedule_share)
@@ -561,19 +567,22 @@ class Synthesis:
         return [torch.full_like(layer.mask, i in self.state.frozen, dtype=torch.bool)
                 for i, layer in enumerate(self.model.layers)]
 
-    def _prune_area(self, X: torch.Tensor) -> None:
+    def _prune_area(self, X: torch.Tensor, scored=None) -> None:
         """Partial-area convolution (Algorithm 2) in every conv layer still being pruned;
-        ``area_removed`` counts the output positions switched off."""
+        ``area_removed`` counts the output positions switched off.  The positions are scored
+        on ``scored`` (default: the model; under gates, its gated copy) and switched off in
+        the model."""
         from .pruning import area_scores, prune_area
 
         p, model = self.cfg.pruning, self.model
+        scored = model if scored is None else scored
         self.area_removed = 0
         if not (p.area and p.area_rate > 0):
             return
         for i, layer in enumerate(model.layers):
             if not isinstance(layer, MaskedConv2d) or i in self.state.frozen:
                 continue
-            new = prune_area(area_scores(model, i, X, self.cfg.train.eval_batch_size), layer.area,
+            new = prune_area(area_scores(scored, i, X, self.cfg.train.eval_batch_size), layer.area,
                              p.area_rate * self.state.rate_scale)
             self.area_removed += int(layer.area.sum() - new.sum())
             layer.area.copy_(new)

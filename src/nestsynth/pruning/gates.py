@@ -94,10 +94,12 @@ class L0Gates(nn.Module):
     """
 
     def __init__(self, model: SparseMLP, log_alpha: list[torch.Tensor], beta: float = BETA,
-                 scale: float = 1.0, generator: torch.Generator | None = None):
+                 scale: float = 1.0, generator: torch.Generator | None = None,
+                 cost: list[torch.Tensor] | None = None):
         super().__init__()
         self.model, self.beta, self.scale, self.generator = model, beta, scale, generator
         self.theta = nn.ParameterList(nn.Parameter(la.detach().clone() / scale) for la in log_alpha)
+        self.cost = cost  # relative penalty per weight (flops_costs), None = 1 for every weight
 
     def log_alpha(self, i: int) -> torch.Tensor:
         return self.theta[i] * self.scale
@@ -121,10 +123,13 @@ class L0Gates(nn.Module):
                    for i, layer in enumerate(self.model.layers))
 
     def penalty(self, lam: float, n_train: int, weight_decay: float = 0.0) -> torch.Tensor:
-        """``(1/N) * sum_j P(z_j != 0) * (lam + 0.5 * weight_decay * w_j**2)`` (paper Eq. 3 + its L2)."""
+        """``(1/N) * sum_j P(z_j != 0) * (lam * c_j + 0.5 * weight_decay * w_j**2)`` (paper Eq. 3 + its
+        L2; c_j = 1, or the weight's relative cost given as ``cost``)."""
         total = 0.0
         for i, layer in enumerate(self.model.layers):
-            cost = lam + 0.5 * weight_decay * layer.weight.pow(2) if weight_decay > 0 else lam
+            cost = lam if self.cost is None else lam * self.cost[i]
+            if weight_decay > 0:
+                cost = cost + 0.5 * weight_decay * layer.weight.pow(2)
             total = total + (prob_nonzero(self.log_alpha(i), self.beta) * layer.mask * cost).sum()
         return total / n_train
 
@@ -184,6 +189,39 @@ class L0SizeControl:
         self.lam *= math.exp(self.gain * min(max(ratio - 1.0, -1.0), 1.0))
         self.lam = min(max(self.lam, 1e-6), 1e9)
         self.step += 1
+
+
+def macs_per_weight(layer) -> torch.Tensor:
+    """Multiply-accumulates one inference spends on each weight of ``layer`` (its weight
+    shape): a convolution weight of kernel n costs the output positions kernel n computes
+    (its partial area), any other weight 1 (the convention of :func:`nestsynth.metrics.conv_macs`)."""
+    w = layer.weight.detach()
+    area = getattr(layer, "area", None)
+    if w.dim() != 4 or area is None:
+        return torch.ones_like(w)
+    positions = area.detach().flatten(1).ne(0).sum(1).to(w.dtype)  # (out,)
+    return positions.view(-1, 1, 1, 1).expand_as(w).clone()
+
+
+def flops_costs(model, share: float) -> list[torch.Tensor] | None:
+    """Relative L0 penalty per weight that makes the gates FLOP-aware (NeST's
+    ``pruning.flops_share``; not in Louizos et al., who price every weight alike).
+
+    ``c_j = (1 - share) + share * m_j / mean(m)``, m_j the weight's MACs per inference
+    (:func:`macs_per_weight`) and the mean taken over the live weights, so the mean cost
+    stays 1 and the size controller's lam keeps its scale: ``share = 0`` is the plain
+    expected-L0 penalty, ``share = 1`` prices a weight by the FLOPs it costs (a conv1 weight
+    of LeNet-5 computes 576 positions, an fc weight one).
+
+    Returns:
+        One tensor per layer (its weight shape), or None for ``share = 0``.
+    """
+    if share <= 0:
+        return None
+    macs = [macs_per_weight(layer) for layer in model.layers]
+    live = sum(float(layer.mask.sum()) for layer in model.layers)
+    mean = sum(float((m * layer.mask).sum()) for m, layer in zip(macs, model.layers)) / max(live, 1.0)
+    return [(1.0 - share) + share * m / max(mean, 1e-12) for m in macs]
 
 
 def initial_log_alpha(model, droprate: float, generator: torch.Generator) -> list[torch.Tensor]:
