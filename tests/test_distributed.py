@@ -39,9 +39,9 @@ SHORT = ["--set", "dense.epochs=2", "--set", "growth.max_iterations=3", "--set",
          "--set", "pruning.max_iterations=3", "--set", "pruning.retrain_epochs=1", "--set", "pruning.recover_epochs=0",
          "--set", "train.min_steps_per_epoch=20"]
 GRADUAL = ["--method", "gradual", "--dataset", "digits", "--model", "mlp:64-64-32-10",
-           "--set", "methods.gradual.epochs=6", "--set", "methods.gradual.begin_epoch=1",
-           "--set", "methods.gradual.end_epoch=4", "--set", "methods.gradual.frequency=20",
-           "--set", "train.min_steps_per_epoch=30"]
+           "--set", "methods.gradual.epochs=4", "--set", "methods.gradual.begin_epoch=1",
+           "--set", "methods.gradual.end_epoch=3", "--set", "methods.gradual.frequency=10",
+           "--set", "train.min_steps_per_epoch=20"]
 
 
 def _env(**extra) -> dict:
@@ -79,11 +79,11 @@ def _assert_close(one: Path, two: Path) -> None:
     assert "distributed" not in ra  # a single process's report is as it was
 
 
-def _assert_checked(run: Path, n_rows: int) -> dict:
+def _assert_checked(run: Path, batch: int = 128, lr: float = 0.001) -> dict:
     """report.json's distributed block: one mask comparison per logged row, none failed."""
     d = _report(run)["distributed"]
-    assert d == {"world_size": 2, "backend": "gloo", "mask_checks": n_rows, "mask_mismatches": 0,
-                 "total_batch": 128, "batch_per_rank": 64.0, "lr": 0.001}
+    assert d == {"world_size": 2, "backend": "gloo", "mask_checks": len(_rows(run)), "mask_mismatches": 0,
+                 "total_batch": batch, "batch_per_rank": batch / 2, "lr": lr}
     assert not (run / ".lock").exists()
     return d
 
@@ -120,7 +120,7 @@ def test_nest_two_processes_match_one(tmp_path):
     assert main(["synthesize", "--config", CONFIG, "--out", str(one), "--quiet", *SHORT]) == 0
     r = torchrun(["synthesize", "--config", CONFIG, "--out", str(two), *SHORT])
     assert r.returncode == 0, r.stderr[-3000:]
-    _assert_checked(two, len(_rows(two)))
+    _assert_checked(two)
     _assert_close(one, two)
     assert r.stdout.count("run directory:") == 1  # rank 0 alone prints
     assert "2 processes (gloo): a total batch of 128, 64 per process, learning rate 0.001" in r.stdout
@@ -131,7 +131,40 @@ def test_baseline_two_processes_match_one(tmp_path):
     assert main(["prune", *GRADUAL, "--out", str(one), "--quiet"]) == 0
     r = torchrun(["prune", *GRADUAL, "--out", str(two), "--quiet"])
     assert r.returncode == 0, r.stderr[-3000:]
-    _assert_checked(two, len(_rows(two)))
+    _assert_checked(two)
+    _assert_close(one, two)
+
+
+@pytest.mark.slow
+def test_cnn_two_processes_match_one(tmp_path):
+    """A CNN: feature-map growth, partial-area scores and feature-map statistics under 2 ranks."""
+    config = str(ROOT / "configs" / "digits-cnn-quick.toml")
+    sets = [*SHORT, "--set", "dense.epochs=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["synthesize", "--config", config, "--out", str(one), "--quiet", *sets]) == 0
+    r = torchrun(["synthesize", "--config", config, "--out", str(two), "--quiet", *sets])
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_checked(two, batch=64, lr=0.01)
+    _assert_close(one, two)
+    assert [x.get("pruned_area") for x in _rows(one)] == [x.get("pruned_area") for x in _rows(two)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, sets", [
+    ("snip", ["--set", "methods.snip.epochs=2"]),
+    ("lobs", ["--set", "methods.lobs.dense_epochs=2", "--set", "methods.lobs.retrain_epochs=1"]),
+    ("n2ps", ["--set", "methods.n2ps.dense_epochs=2", "--set", "methods.n2ps.retrain_epochs=1"]),
+    ("sensitivity", ["--set", "methods.sensitivity.epochs=2"]),
+])
+def test_sharded_scans_match_one_process(tmp_path, method, sets):
+    """The baselines whose scores are sharded and summed (gradients, Hessians, activations)."""
+    args = ["prune", "--method", method, "--dataset", "digits", "--model", "mlp:64-64-32-10", "--quiet",
+            "--set", "train.min_steps_per_epoch=30", *sets]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--out", str(one)]) == 0
+    r = torchrun([*args, "--out", str(two)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_checked(two)
     _assert_close(one, two)
 
 

@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = handlers[args.command](args)
     except NestError as exc:
-        if distributed.current().is_main or not getattr(exc, "collective", False):
+        if distributed.speaks(exc):
             print(f"nestsynth{_rank_tag()}: error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

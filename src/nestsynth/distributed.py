@@ -225,6 +225,18 @@ def shutdown() -> None:
     _CURRENT = Dist()
 
 
+def speaks(exc: Exception) -> bool:
+    """Whether this process prints ``exc``: always alone; under torchrun rank 0, and another
+    rank for an error of its own (not one every rank raised: a :class:`MaskMismatch`, or a
+    mistake in the command found before the process group exists)."""
+    d = current()
+    if not launched():
+        return True
+    if not d.active:  # before the group: every rank read the same command
+        return os.environ.get("RANK", "0") == "0"
+    return d.is_main or not getattr(exc, "collective", False)
+
+
 def launched() -> bool:
     """True when torchrun started this process with more than one process in all."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1

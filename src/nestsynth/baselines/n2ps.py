@@ -73,6 +73,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import check
+from ..distributed import current
 from ..sparse import keep_units
 from .context import chain_only, mlp_only
 from .registry import register_method
@@ -118,6 +119,8 @@ def mean_activations(model, X: torch.Tensor, chunk: int = 4096) -> list[torch.Te
     """
     was_training = model.training
     model.eval()
+    n = max(len(X), 1)
+    X = current().shard(X)[0]  # under torchrun: this rank's patterns, the sums summed across ranks
     sums = [torch.zeros(w, dtype=torch.float64, device=X.device) for w in model.widths[1:-1]]
     with torch.no_grad():
         for start in range(0, len(X), chunk):
@@ -125,7 +128,7 @@ def mean_activations(model, X: torch.Tensor, chunk: int = 4096) -> list[torch.Te
             for s, a in zip(sums, inputs[1:]):  # inputs[h + 1] = output of hidden layer h
                 s += a.double().sum(0)
     model.train(was_training)
-    return [s / max(len(X), 1) for s in sums]
+    return [s / n for s in current().all_reduce_sum(sums)]
 
 
 def significance(model, means: list[torch.Tensor], measure: str = "sigmoid") -> list[torch.Tensor]:

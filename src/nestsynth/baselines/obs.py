@@ -85,6 +85,7 @@ import numpy as np
 import torch
 
 from ..config import check
+from ..distributed import current
 from ..sparse import set_mask
 from .context import mlp_only
 from .registry import register_method
@@ -127,10 +128,15 @@ def layer_hessian(X: torch.Tensor, fold_bias: bool = True) -> np.ndarray:
     Returns:
         (D, D) array, D = in + 1 with the bias folded, else in.
     """
+    n = max(len(X), 1)
+    X = current().shard(X)[0]  # under torchrun: each rank's inputs, the sums summed across ranks
     Xd = X.detach().to("cpu", torch.float64).flatten(1).numpy()
     if fold_bias:
         Xd = np.concatenate([Xd, np.ones((len(Xd), 1))], axis=1)
-    return Xd.T @ Xd / max(len(Xd), 1)
+    if not current().active:
+        return Xd.T @ Xd / n
+    H = torch.from_numpy(Xd.T @ Xd).to(current().device())
+    return current().all_reduce_sum([H])[0].cpu().numpy() / n
 
 
 def damp(H: np.ndarray, damping: float) -> np.ndarray:

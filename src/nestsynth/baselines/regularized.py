@@ -128,6 +128,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import check
+from ..distributed import current
 from ..pruning import gates as G
 from ..pruning.gates import BETA, L0Gates, L0SizeControl, initial_log_alpha, keep_most_open, theta_scale
 from ..sparse import SparseMLP, set_mask
@@ -253,6 +254,8 @@ def sensitivity(model: SparseMLP, X: torch.Tensor, y: torch.Tensor,
     """
     was_training = model.training
     model.eval()
+    n = len(X)
+    X, y = current().shard(X, y)  # under torchrun: this rank's examples, the sums summed across ranks
     try:
         with torch.enable_grad():
             inputs, outputs = model.trace(X)  # inputs[i]: (B, in_i), outputs[i]: (B, out_i)
@@ -269,8 +272,8 @@ def sensitivity(model: SparseMLP, X: torch.Tensor, y: torch.Tensor,
     finally:
         model.train(was_training)
     # |delta[n,i] * x[n,j]| = |delta[n,i]| * |x[n,j]|, so the mean over n is one matmul
-    return [(a.T @ x.detach().abs()) / len(X) * layer.mask
-            for a, x, layer in zip(acc, inputs, model.layers)]
+    sums = current().all_reduce_sum([a.T @ x.detach().abs() for a, x in zip(acc, inputs)])
+    return [s / n * layer.mask for s, layer in zip(sums, model.layers)]
 
 
 @torch.no_grad()

@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check
+from ..distributed import current
 from ..select import keep_top_masks
 from ..sparse import set_mask
 from .registry import register_method
@@ -118,10 +119,13 @@ def _weights(model) -> list[torch.Tensor]:
 
 
 def _chunks(X: torch.Tensor, y: torch.Tensor, chunk: int):
-    """Yield (X_c, y_c, n_c / N): minibatches whose weighted mean loss is the full mean."""
+    """Yield (X_c, y_c, n_c / N): minibatches whose weighted mean loss is the full mean
+    (under torchrun: of this rank's part of (X, y), weighted by the whole N, so the sum
+    over ranks of what the caller accumulates is the full mean)."""
     n = len(X)
-    step = n if chunk <= 0 else chunk
-    for start in range(0, n, step):
+    X, y = current().shard(X, y)
+    step = max(len(X), 1) if chunk <= 0 else chunk
+    for start in range(0, len(X), step):
         xc, yc = X[start:start + step], y[start:start + step]
         yield xc, yc, len(xc) / n
 
@@ -184,7 +188,7 @@ def mean_gradient(model, X: torch.Tensor, y: torch.Tensor, temperature: float = 
         for xc, yc, frac in _chunks(X, y, chunk):
             for acc, gc in zip(g, _grad(_loss(model, xc, yc, temperature), weights)):
                 acc.add_(gc.detach(), alpha=frac)
-    return g
+    return current().all_reduce_sum(g)
 
 
 def hessian_gradient(model, X: torch.Tensor, y: torch.Tensor, temperature: float = 1.0,
@@ -213,7 +217,7 @@ def hessian_gradient(model, X: torch.Tensor, y: torch.Tensor, temperature: float
             z = sum((gi * gci).sum() for gi, gci in zip(g, gc))  # g^T grad L_c, g constant
             for acc, h in zip(hg, _grad(z, weights)):
                 acc.add_(h.detach(), alpha=frac)
-    return g, hg
+    return g, current().all_reduce_sum(hg)
 
 
 def _normalise(scores: list[torch.Tensor], denom: torch.Tensor) -> list[torch.Tensor]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..distributed import current
 from ..sparse.conv import MaskedConv2d
 
 
@@ -75,10 +76,12 @@ def area_scores(model, i: int, X: torch.Tensor, batch_size: int = 256) -> torch.
         (out, H_out, W_out) mean absolute responses.
     """
     layer = _conv_layer(model, i)
+    n = max(len(X), 1)
+    X = current().shard(X)[0]  # under torchrun: this rank's images, the sums summed across ranks
     total = torch.zeros(layer.out_features, *layer.out_hw, device=layer.weight.device)  # (N_k, P, Q)
     for x in _layer_inputs(model, i, X, batch_size):
         total += layer.conv(x).abs().sum(0)  # (B, N_k, P, Q) -> (N_k, P, Q)
-    return total / max(len(X), 1)
+    return current().all_reduce_sum([total])[0] / n
 
 
 def depthwise_maps(model, i: int, X: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..distributed import current
 from ..sparse.conv import MaskedConv2d
 from .neurons import neurons_to_keep
 
@@ -75,6 +76,8 @@ def feature_map_statistics(model, X: torch.Tensor, batch_size: int = 256) -> Fea
     """
     was_training = model.training
     model.eval()
+    n = max(len(X), 1)
+    X = current().shard(X)[0]  # under torchrun: this rank's images (at least one), sums summed below
     abs_sums, sums = None, None
     for start in range(0, len(X), batch_size):
         hidden = model.layer_outputs(X[start:start + batch_size])[:-1]
@@ -86,9 +89,9 @@ def feature_map_statistics(model, X: torch.Tensor, batch_size: int = 256) -> Fea
             abs_sums[h] += a.abs().sum(0)
             sums[h] += a.sum(0)
     model.train(was_training)
-    n = max(len(X), 1)
     if abs_sums is None:  # no data: zeros of the right shapes
         return FeatureMapStats(*([torch.zeros(l.out_features) for l in model.layers[:-1]] for _ in range(3)))
+    current().all_reduce_sum(abs_sums + sums)
     abs_maps = [t / n for t in abs_sums]
     mean_maps = [t / n for t in sums]
     per_unit = lambda t: t.flatten(1).mean(1) if t.dim() == 3 else t  # (C, H', W') -> (C,)
