@@ -251,65 +251,96 @@ def test_l0_criterion_projection_keeps_the_most_open_gates(digits):
     assert len(kept) == 600 and float(kept.min()) >= cut
 
 
-def test_l0_criterion_resume_is_exact(digits, tmp_path):
+@pytest.mark.parametrize("flops", [0, 1000])
+def test_l0_criterion_resume_is_exact(digits, tmp_path, flops):
     from nestsynth import checkpoint as ckpt
     from nestsynth.baselines.runner import run_method
     from nest_helpers import interrupt_after
 
-    cfg = _l0_cfg()
+    cfg = _l0_cfg(target_flops=flops)
     ref = resolve_reference(cfg.model, digits)
     model_a, _ = run_method(cfg, digits, ref, tmp_path / "A")
     with pytest.raises(KeyboardInterrupt):  # seed, 2 growth steps, then 2 gated iterations
         run_method(cfg, digits, ref, tmp_path / "B", on_iteration=interrupt_after(5))
-    assert torch.load(ckpt.checkpoint_path(tmp_path / "B"), weights_only=True)["gates"] is not None
+    gates = torch.load(ckpt.checkpoint_path(tmp_path / "B"), weights_only=True)["gates"]
+    assert gates is not None and (gates["flops"] is not None) == (flops > 0)
     model_b, _ = run_method(cfg, digits, ref, tmp_path / "B", resume=True)
     sa, sb = model_a.state_dict(), model_b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("share", [0.0, 1.0])
-def test_l0_criterion_on_a_cnn_hits_the_target(digits, share):
+@pytest.mark.parametrize("flops", [0, 20000])
+def test_l0_criterion_on_a_cnn_hits_the_target(digits, flops):
     from test_synthesis_cnn import small_cnn_cfg
 
     cfg = small_cnn_cfg(pruning={"criterion": "l0", "target_weights": 400, "schedule_steps": 4,
                                  "schedule_share": 0.5, "final_epochs": 1, "max_iterations": 4,
-                                 "flops_share": share})
+                                 "target_flops": flops})
     syn, model, report = _run(cfg, digits)
     assert sum(layer.active_connections() for layer in model.layers) == 400
     assert report["pruning"]["stop_reason"] == "target"
     # partial-area convolution goes on under the gates: every gated iteration switches positions off
     prune = [r for r in syn.state.history if r["phase"] == "pruning"]
     assert prune and all(r["pruned_area"] > 0 for r in prune)
+    assert all(("mu" in r) == (flops > 0) for r in prune)
 
 
-def test_flops_costs_hand_counts():
-    """A conv weight costs the positions its kernel computes (metrics.conv_macs is the
-    oracle), a linear weight 1; the costs average 1 over the live weights."""
-    from nestsynth.metrics import conv_macs
-    from nestsynth.pruning.gates import flops_costs, macs_per_weight
+def _conv_fc():
     from nestsynth.sparse import set_mask
     from nestsynth.sparse.conv import MaskedConv2d
     from nestsynth.sparse.mlp import MaskedLinear
 
     conv = MaskedConv2d(1, 2, 3, (4, 4), generator=torch.Generator().manual_seed(0))
     conv.area[0, :2] = 0  # kernel 0 computes 8 of its 16 positions
+    fc = MaskedLinear(5, 3, generator=torch.Generator().manual_seed(0))
+    set_mask(fc, (torch.arange(15).view(3, 5) < 12).float())  # 12 live
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([conv, fc])
+    return Net()
+
+
+def test_macs_per_weight_hand_counts():
+    """A conv weight costs the positions its kernel computes (metrics.conv_macs is the
+    oracle), a linear weight 1."""
+    from nestsynth.metrics import conv_macs
+    from nestsynth.pruning.gates import macs_per_weight
+
+    conv, fc = _conv_fc().layers
     m = macs_per_weight(conv)
     assert m.shape == conv.weight.shape and m[0].unique().tolist() == [8.0] and m[1].unique().tolist() == [16.0]
     assert float((m * conv.mask).sum()) == conv_macs(conv) == 9 * 8 + 9 * 16
-    fc = MaskedLinear(5, 3, generator=torch.Generator().manual_seed(0))
-    set_mask(fc, (torch.arange(15).view(3, 5) < 12).float())  # 12 live
     assert torch.equal(macs_per_weight(fc), torch.ones(3, 5))
 
-    class Net:
-        layers = [conv, fc]
-    mean = (9 * 8 + 9 * 16 + 12) / (18 + 12)
-    assert flops_costs(Net, 0.0) is None
-    c = flops_costs(Net, 0.5)
-    assert torch.allclose(c[0][0], torch.full((1, 3, 3), 0.5 + 0.5 * 8 / mean))
-    assert torch.allclose(c[1], torch.full((3, 5), 0.5 + 0.5 / mean))
-    full = flops_costs(Net, 1.0)
-    live_mean = (float((full[0] * conv.mask).sum()) + float((full[1] * fc.mask).sum())) / 30
-    assert live_mean == pytest.approx(1.0)
+
+def test_flops_control_prices_and_steers():
+    """cost = 1 + mu * m / m_bar (m_bar the live mean at the start); E[F] = 2 * sum P * m;
+    mu rises while E[F] is above its goal and falls below it."""
+    from nestsynth.pruning.gates import BETA, FlopsControl, L0Gates, prob_nonzero
+
+    net = _conv_fc()
+    conv, fc = net.layers
+    gates = L0Gates(net, [torch.zeros_like(conv.weight), torch.zeros_like(fc.weight)], BETA, 1.0)
+    macs = 9 * 8 + 9 * 16 + 12
+    ctl = FlopsControl(gates, target=100.0, steps=10, gain=0.1, share=1.0, mu=0.5)
+    m_bar = macs / 30
+    assert ctl.start == 2 * macs and ctl.scale == pytest.approx(m_bar)
+    assert torch.allclose(gates.cost[0][0], torch.full((1, 3, 3), 1 + 0.5 * 8 / m_bar))
+    assert torch.allclose(gates.cost[1], torch.full((3, 5), 1 + 0.5 / m_bar))
+    p0 = float(prob_nonzero(torch.zeros(()), BETA))
+    assert ctl.expected_flops() == pytest.approx(2 * macs * p0)
+    ctl()  # E[F] = 2 * 228 * p0 > goal(0) = 100 + (456 - 100) * 0.9^3 ~ 360: mu rises
+    assert ctl.mu > 0.5 and ctl.step == 1 and gates.cost[1][0, 0] == pytest.approx(1 + ctl.mu / m_bar)
+    with torch.no_grad():
+        for t in gates.theta:
+            t.fill_(-20.0)  # every gate shut: E[F] ~ 0, below any goal
+    mu = ctl.mu
+    ctl()
+    assert ctl.mu < mu
+    again = FlopsControl(gates, 100.0, 10, 0.1, 1.0, **ctl.state())  # a resumed phase
+    assert again.state() == ctl.state() and again.goal(3) == ctl.goal(3)
 
 
 def test_gate_penalty_prices_each_weight_by_its_cost():
@@ -333,8 +364,8 @@ def test_gate_penalty_prices_each_weight_by_its_cost():
 @pytest.mark.parametrize("bad, words", [({"target_weights": 0}, "pruning.target_weights"),
                                         ({"rewire": 0.1}, "pruning.rewire"),
                                         ({"criterion": "taylor"}, "magnitude or l0"),
-                                        ({"flops_share": 1.5}, "in \\[0, 1\\]"),
-                                        ({"criterion": "magnitude", "flops_share": 0.5}, "pruning.flops_share")])
+                                        ({"target_flops": -1}, ">= 0"),
+                                        ({"criterion": "magnitude", "target_flops": 9000}, "pruning.target_flops")])
 def test_l0_criterion_refuses_what_it_cannot_do(bad, words):
     from nestsynth.errors import NestError
 

@@ -142,7 +142,7 @@ class PruningConfig:
     rewire: float = 0.0  # share of live connections dropped (smallest |W*|) and regrown (largest |dL/dw|) per iteration
     final_regrow: float = 0.0  # with target_weights: prune to (1 - r) of it, grow r back (Policy 1) before final_epochs
     criterion: str = "magnitude"  # magnitude: smallest |W*| (Policy 4); l0: learned hard-concrete gates (see README)
-    flops_share: float = 0.0  # criterion l0: price each gate by (1 - s) + s * its MACs / the mean (FLOP-aware gates)
+    target_flops: int = 0  # criterion l0: > 0 steers the gates' expected FLOPs (2 per MAC) down to this (see README)
 
 
 @dataclass
@@ -442,9 +442,9 @@ def validate(cfg: Config) -> None:
     _check(0 <= p.rewire < 1, "pruning.rewire", p.rewire, "in [0, 1)")
     _check(0 <= p.final_regrow < 1, "pruning.final_regrow", p.final_regrow, "in [0, 1)")
     _check(p.criterion in ("magnitude", "l0"), "pruning.criterion", p.criterion, "magnitude or l0")
-    _check(0 <= p.flops_share <= 1, "pruning.flops_share", p.flops_share, "in [0, 1]")
-    if p.flops_share > 0:
-        _check(p.criterion == "l0", "pruning.flops_share", p.flops_share, '0 unless pruning.criterion = "l0"')
+    _check(p.target_flops >= 0, "pruning.target_flops", p.target_flops, ">= 0")
+    if p.target_flops > 0:
+        _check(p.criterion == "l0", "pruning.target_flops", p.target_flops, '0 unless pruning.criterion = "l0"')
     if p.criterion == "l0":
         _check(p.target_weights > 0, "pruning.target_weights", p.target_weights,
                '> 0 with pruning.criterion = "l0" (the gates are steered to a size)')

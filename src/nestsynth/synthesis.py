@@ -41,7 +41,8 @@ from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_
                      grow_neurons)
 from .growth.scores import scan_indices
 from .pruning import gates as G
-from .pruning.gates import BETA, L0Gates, L0SizeControl, flops_costs, initial_log_alpha, keep_most_open, theta_scale
+from .pruning.gates import (BETA, FlopsControl, L0Gates, L0SizeControl, initial_log_alpha, keep_most_open,
+                            theta_scale)
 from .pruning import (constant_rate_removal, cubic_count, effective_scores, erk_allocation, lamp_scores,
                       neurons_to_keep, output_statistics, prune_smallest_global, remove_neurons, split_removal)
 from .graph.network import KIND as GRAPH_KIND
@@ -108,6 +109,7 @@ class Synthesis:
         # pruning.criterion = "l0": the gated network and its size controller while pruning runs
         self.gates: L0Gates | None = None
         self.gate_control: L0SizeControl | None = None
+        self.flops_control: FlopsControl | None = None  # and with pruning.target_flops its FLOP controller
         self._last: dict | None = None
         self._clock = time.monotonic()
 
@@ -326,15 +328,18 @@ class Synthesis:
         area = {}
         if self.units.has_area:  # partial-area convolution goes on under the gates (scored on the gated net)
             self._prune_area(self._score_data()[0], self.gates.deterministic_model())
-            self.gates.cost = flops_costs(self.model, p.flops_share)  # a smaller area makes a weight cheaper
+            if self.flops_control is not None:
+                self.flops_control.refresh()  # a smaller area makes a weight cheaper
             area = {"pruned_area": self.area_removed}
         window = (st.iteration * p.retrain_epochs, st.prune_iterations * p.retrain_epochs) \
             if p.lr_schedule == "phase" else None
         loss = self._train(self.gates, p.retrain_epochs, f"pruning {st.iteration}", p.lr_scale, window=window,
-                           penalty=self._gate_penalty, after_step=self.gate_control)
+                           penalty=self._gate_penalty, after_step=self._gate_controls)
         val = self.ctx.val_error(self.gates)
         extra = {"expected_l0": round(float(self.gates.expected_l0().detach()), 1), "lam": self.gate_control.lam,
                  "goal": self.gate_control.goal(self.gate_control.step)}
+        if self.flops_control is not None:
+            extra.update(expected_flops=round(self.flops_control.expected_flops()), mu=self.flops_control.mu)
         self._log("pruning", st.iteration, val=val, model=self.gates.deterministic_model(), loss=loss,
                   seconds=time.monotonic() - t0, accepted=True, **extra, **area)
         st.iteration += 1
@@ -346,18 +351,25 @@ class Synthesis:
         self.accepted, st.accepted_val, st.kept_iteration = self._model_state(), val, st.iteration - 1
         self._end_pruning("target")
 
-    def _attach_gates(self, log_alpha: list[torch.Tensor], lam: float, step: int) -> None:
+    def _attach_gates(self, log_alpha: list[torch.Tensor], lam: float, step: int, flops: dict | None = None) -> None:
         """Gate the model (``pruning.criterion = "l0"``): the gates' parameters join the
         optimizer (without weight decay) and the size controller starts at ``lam`` after
-        ``step`` optimizer steps (0 for a new phase, more on resume)."""
+        ``step`` optimizer steps (0 for a new phase, more on resume); with
+        ``pruning.target_flops`` a FLOP controller too (``flops``: its saved state)."""
         p, st = self.cfg.pruning, self.state
         scale = theta_scale(G.LR_SCALE, self.cfg.train.optimizer)
-        self.gates = L0Gates(self.model, log_alpha, BETA, scale, self.ctx.generator,
-                             flops_costs(self.model, p.flops_share)).to(self.ctx.device)
+        self.gates = L0Gates(self.model, log_alpha, BETA, scale, self.ctx.generator).to(self.ctx.device)
         self.optimizer.add_param_group({"params": list(self.gates.theta), "weight_decay": 0.0})
         steps = st.prune_iterations * p.retrain_epochs * self.ctx.steps_per_epoch()
         self.gate_control = L0SizeControl(self.gates, lam, p.target_weights, steps, G.GAIN, p.schedule_share)
         self.gate_control.step = step
+        self.flops_control = FlopsControl(self.gates, p.target_flops, steps, G.GAIN, p.schedule_share,
+                                          **(flops or {})) if p.target_flops > 0 else None
+
+    def _gate_controls(self) -> None:
+        self.gate_control()
+        if self.flops_control is not None:
+            self.flops_control()
 
     def _gate_penalty(self) -> torch.Tensor:
         return self.gates.penalty(self.gate_control.lam, len(self.ctx.X))
@@ -366,7 +378,8 @@ class Synthesis:
         if self.gates is None:
             return None
         return {"theta": [t.detach().cpu().clone() for t in self.gates.theta],
-                "lam": self.gate_control.lam, "step": self.gate_control.step}
+                "lam": self.gate_control.lam, "step": self.gate_control.step,
+                "flops": self.flops_control.state() if self.flops_control is not None else None}
 
     def _project_gates(self) -> list[int]:
         """End of a gated phase: keep the ``target_weights`` most open gates and fold them
@@ -378,7 +391,7 @@ class Synthesis:
         """
         target = self.cfg.pruning.target_weights
         keep_most_open(self.gates, target)
-        self.gates = self.gate_control = None
+        self.gates = self.gate_control = self.flops_control = None
         self.optimizer = make_optimizer(self.model, self.cfg.train, self.state.lr_scale)
         units = self.units.prune()
         self._top_up(target)
@@ -641,10 +654,10 @@ class Synthesis:
     def _restore(self, c: dict) -> None:
         self.ctx.record = LoopState(**copy.deepcopy(c["state"]))
         self._load_model_state(c)
-        self.gates = self.gate_control = None
+        self.gates = self.gate_control = self.flops_control = None
         if c.get("gates"):  # a gated pruning phase: its parameters are in the optimizer state
             g = c["gates"]
-            self._attach_gates([torch.zeros_like(t) for t in g["theta"]], g["lam"], g["step"])
+            self._attach_gates([torch.zeros_like(t) for t in g["theta"]], g["lam"], g["step"], g.get("flops"))
             with torch.no_grad():  # theta itself: log_alpha / scale would not round-trip exactly
                 for theta, saved in zip(self.gates.theta, g["theta"]):
                     theta.copy_(saved)

@@ -276,7 +276,8 @@ def _relative(path: Path, base: Path) -> str:
 def _criterion_text(p: dict) -> str:
     """What chose the kept connections of a sized NeST run (its ``[pruning]`` section)."""
     if p.get("criterion", "magnitude") == "l0":
-        return "learned hard-concrete gates, the most open kept"
+        flops = p.get("target_flops", 0)
+        return "learned hard-concrete gates, the most open kept" + (f", FLOPs steered to {flops:,}" if flops else "")
     return f"|W*| ranking, scope {p['scope']}, rewire {p['rewire']}"
 
 

@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from ..sparse import SparseMLP, set_mask
 from .magnitude import prune_smallest_global
+from ..metrics import FLOPS_PER_MAC
 from .schedules import cubic_count
 
 # Defaults of the gated training (the ``l0`` baseline's [methods.l0] and NeST's
@@ -99,7 +100,7 @@ class L0Gates(nn.Module):
         super().__init__()
         self.model, self.beta, self.scale, self.generator = model, beta, scale, generator
         self.theta = nn.ParameterList(nn.Parameter(la.detach().clone() / scale) for la in log_alpha)
-        self.cost = cost  # relative penalty per weight (flops_costs), None = 1 for every weight
+        self.cost = cost  # relative penalty per weight (set by FlopsControl), None = 1 for every weight
 
     def log_alpha(self, i: int) -> torch.Tensor:
         return self.theta[i] * self.scale
@@ -203,25 +204,70 @@ def macs_per_weight(layer) -> torch.Tensor:
     return positions.view(-1, 1, 1, 1).expand_as(w).clone()
 
 
-def flops_costs(model, share: float) -> list[torch.Tensor] | None:
-    """Relative L0 penalty per weight that makes the gates FLOP-aware (NeST's
-    ``pruning.flops_share``; not in Louizos et al., who price every weight alike).
+class FlopsControl:
+    """``after_step`` hook that prices the gates by the FLOPs their weights cost and steers
+    that price so the expected FLOPs follow a cubic schedule down to a FLOP target (NeST's
+    ``pruning.target_flops``; not in Louizos et al., who price every weight alike).
 
-    ``c_j = (1 - share) + share * m_j / mean(m)``, m_j the weight's MACs per inference
-    (:func:`macs_per_weight`) and the mean taken over the live weights, so the mean cost
-    stays 1 and the size controller's lam keeps its scale: ``share = 0`` is the plain
-    expected-L0 penalty, ``share = 1`` prices a weight by the FLOPs it costs (a conv1 weight
-    of LeNet-5 computes 576 positions, an fc weight one).
+    A gate's penalty becomes ``lam * (1 + mu * m_j / m_bar)`` (``L0Gates.cost``): m_j the
+    multiply-accumulates its weight costs per inference (:func:`macs_per_weight`), m_bar
+    their mean over the live weights when the phase began.  ``mu`` is a second multiplier,
+    updated like :class:`L0SizeControl`'s lam, ``mu *= exp(gain * clip(E[F] / goal - 1, -1, 1))``
+    with ``E[F] = 2 * sum_j P(z_j != 0) * m_j`` (the paper's 2 FLOPs per MAC, inputs taken
+    as dense): while the expected FLOPs are above their schedule, weights that cost many
+    FLOPs (a LeNet-5 conv1 weight computes 576 positions, an fc weight one) pay more; once
+    below, mu decays and the penalty returns to the plain expected L0.  The size control
+    is untouched, so the run still ends at ``target_weights``; the FLOP target is steered,
+    not guaranteed.
 
-    Returns:
-        One tensor per layer (its weight shape), or None for ``share = 0``.
+    Args:
+        gates: the gated network (its ``cost`` is set here).
+        target: FLOPs the gated network should cost at the end.
+        steps: optimizer steps of the whole gated training.
+        gain: the controller's step.
+        share: share of ``steps`` over which the goal falls.
+        mu, start, scale, step: the controller's state (a new phase: mu = 1e-3, start = the
+            network's FLOPs, scale = m_bar; a resumed phase passes what it saved).
     """
-    if share <= 0:
-        return None
-    macs = [macs_per_weight(layer) for layer in model.layers]
-    live = sum(float(layer.mask.sum()) for layer in model.layers)
-    mean = sum(float((m * layer.mask).sum()) for m, layer in zip(macs, model.layers)) / max(live, 1.0)
-    return [(1.0 - share) + share * m / max(mean, 1e-12) for m in macs]
+
+    def __init__(self, gates: L0Gates, target: float, steps: int, gain: float, share: float = 2.0 / 3.0,
+                 mu: float = 1e-3, start: float | None = None, scale: float | None = None, step: int = 0):
+        self.gates, self.target, self.gain, self.mu, self.step = gates, float(target), gain, mu, step
+        layers = gates.model.layers
+        self.macs = [macs_per_weight(layer) for layer in layers]
+        live = sum(float(layer.mask.sum()) for layer in layers)
+        live_macs = sum(float((m * layer.mask).sum()) for m, layer in zip(self.macs, layers))
+        self.scale = scale if scale is not None else max(live_macs / max(live, 1.0), 1e-12)
+        self.start = start if start is not None else FLOPS_PER_MAC * live_macs
+        sched = max(1, round(share * steps))
+        self.goal = lambda t: max(1.0, cubic_count(t, self.start, min(self.target, self.start), sched))
+        self.apply()
+
+    def refresh(self) -> None:
+        """Re-read every weight's MACs (after partial-area convolution switched positions off)."""
+        self.macs = [macs_per_weight(layer) for layer in self.gates.model.layers]
+        self.apply()
+
+    def apply(self) -> None:
+        """Set the gates' relative prices from the current ``mu``."""
+        self.gates.cost = [1.0 + (self.mu / self.scale) * m for m in self.macs]
+
+    @torch.no_grad()
+    def expected_flops(self) -> float:
+        """``2 * sum_j P(z_j != 0) * m_j`` over the live weights."""
+        return FLOPS_PER_MAC * sum(float((prob_nonzero(self.gates.log_alpha(i), self.gates.beta) * layer.mask * m).sum())
+                                   for i, (layer, m) in enumerate(zip(self.gates.model.layers, self.macs)))
+
+    def __call__(self) -> None:
+        ratio = self.expected_flops() / self.goal(self.step)
+        self.mu *= math.exp(self.gain * min(max(ratio - 1.0, -1.0), 1.0))
+        self.mu = min(max(self.mu, 1e-9), 1e9)
+        self.step += 1
+        self.apply()
+
+    def state(self) -> dict:
+        """What a resumed phase passes back to the constructor."""
+        return {"mu": self.mu, "start": self.start, "scale": self.scale, "step": self.step}
 
 
 def initial_log_alpha(model, droprate: float, generator: torch.Generator) -> list[torch.Tensor]:
