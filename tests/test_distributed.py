@@ -114,11 +114,32 @@ def test_shard_splits_the_rows_without_overlap():
     assert parts == [[0, 1, 2], [3, 4, 5], [6, 7]]
 
 
+def test_augmenting_slices_equals_augmenting_the_batch():
+    """A rank distorts only its rows of the global batch, with the draws of the whole batch, so
+    the slices put together are the single-process batch and the generator stays in step."""
+    from nestsynth.data import random_affine
+
+    x = torch.rand(7, 1, 8, 8)
+    whole_gen, part_gen = torch.Generator().manual_seed(3), [torch.Generator().manual_seed(3) for _ in range(3)]
+    whole = random_affine(x, whole_gen)
+    parts = []
+    for rank, gen in enumerate(part_gen):
+        lo, hi = distributed.Dist(3, rank).bounds(len(x))
+        parts.append(random_affine(x[lo:hi], gen, batch=len(x), start=lo))
+        assert torch.equal(gen.get_state(), whole_gen.get_state())
+    assert torch.equal(torch.cat(parts), whole)
+    empty_gen = torch.Generator().manual_seed(3)
+    assert random_affine(x[:0], empty_gen, batch=len(x), start=7).shape == (0, 1, 8, 8)
+    assert torch.equal(empty_gen.get_state(), whole_gen.get_state())
+
+
 # ---- two processes ------------------------------------------------------------------------------
 def test_nest_two_processes_match_one(tmp_path):
+    """NeST on an MLP with augmented images (each rank distorts its slice with the batch's draws)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["synthesize", "--config", CONFIG, "--out", str(one), "--quiet", *SHORT]) == 0
-    r = torchrun(["synthesize", "--config", CONFIG, "--out", str(two), *SHORT])
+    sets = [*SHORT, "--set", "data.augment=true"]
+    assert main(["synthesize", "--config", CONFIG, "--out", str(one), "--quiet", *sets]) == 0
+    r = torchrun(["synthesize", "--config", CONFIG, "--out", str(two), *sets])
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_checked(two)
     _assert_close(one, two)

@@ -562,9 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             if not distributed.current().active:
                 raise
             # under torchrun: a collective failed, most often because another process stopped
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"nestsynth{_rank_tag()}: error: stopping because another process of this launch stopped or "
-                  f"a collective failed ({first[:200]}).", file=sys.stderr)
+                  f"a collective failed ({distributed.failure_words(exc)}).", file=sys.stderr)
             return 1
         print("nestsynth: error: ran out of memory; choose smaller widths, train.batch_size or "
               "train.eval_batch_size.", file=sys.stderr)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import re
 
 import torch
 
@@ -84,7 +85,14 @@ class Dist:
         the last ranks get empty parts."""
         if not self.active:
             return tensors
-        return tuple(t.tensor_split(self.world_size)[self.rank] for t in tensors)
+        return tuple(t[slice(*self.bounds(len(t)))] for t in tensors)
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """(first, end) of this rank's rows of ``n`` (as ``tensor_split``: the first ``n % N``
+        ranks get one row more)."""
+        q, r = divmod(n, self.world_size)
+        lo = self.rank * q + min(self.rank, r)
+        return lo, lo + q + (self.rank < r)
 
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sum every tensor across ranks, in place, in one collective (one flat buffer of
@@ -216,6 +224,15 @@ _CURRENT = Dist()
 def current() -> Dist:
     """The process's Dist (single-process unless :func:`init_from_env` joined a group)."""
     return _CURRENT
+
+
+def failure_words(exc: BaseException) -> str:
+    """The gist of a failed collective's message: its first sentence, without gloo's
+    source location (``[.../pair.cc:537] Read error ...: Connection reset by peer.``)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    first = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    return first[:200].rstrip(".")
 
 
 def shutdown() -> None:

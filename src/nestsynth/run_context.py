@@ -239,8 +239,13 @@ class RunContext:
         if not (d.augment and self.data.is_image):
             return None
         generator = self.generator if generator is None else generator
-        return lambda xb: random_affine(xb, generator, rotate=d.rotate, shift=d.shift,
-                                        scale=(d.scale_min, d.scale_max), shear=d.shear)
+
+        def distort(xb: torch.Tensor, **rows) -> torch.Tensor:
+            return random_affine(xb, generator, rotate=d.rotate, shift=d.shift, scale=(d.scale_min, d.scale_max),
+                                 shear=d.shear, **rows)
+
+        distort.by_rows = True  # takes batch=, start= (random_affine): a rank distorts its slice only
+        return distort
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` training examples drawn without replacement (all when n <= 0 or n >= N)."""

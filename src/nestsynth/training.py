@@ -139,11 +139,8 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
         if lr_at is not None:
             set_lr(optimizer, lr_at(b))
         idx = idx.to(X.device)
-        xb, yb = X[idx], y[idx]
-        if augment is not None:
-            xb = augment(xb)  # the whole global batch on every rank: the generator stays in step
         if dist.active:
-            loss = _shared_step(model, xb, yb, optimizer, penalty, dist)
+            loss = _shared_step(model, X, y, idx, optimizer, augment, penalty, dist)
             if after_step is not None:
                 after_step()
             total += loss * len(idx)
@@ -151,6 +148,9 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
             if progress is not None:
                 progress(len(idx))
             continue
+        xb, yb = X[idx], y[idx]
+        if augment is not None:
+            xb = augment(xb)
         loss = F.cross_entropy(model(xb), yb)
         full = loss + penalty() if penalty is not None else loss
         if not torch.isfinite(full):
@@ -169,13 +169,17 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
     return total / max(count, 1)
 
 
-def _shared_step(model, xb: torch.Tensor, yb: torch.Tensor, optimizer, penalty, dist) -> float:
-    """One optimizer step of a global batch split across ranks (:mod:`nestsynth.distributed`).
+def _shared_step(model, X: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, optimizer,
+                 augment: Callable | None, penalty, dist) -> float:
+    """One optimizer step of the global batch ``idx`` split across ranks (:mod:`nestsynth.distributed`).
 
-    This rank's loss is the sum over its slice divided by the GLOBAL batch size (plus the
-    penalty divided by the number of ranks), so the gradients summed across ranks are
-    those of the global batch's mean loss (plus the penalty), as one process computes
-    them.  The loss is checked for NaN after the reduction, so every rank raises together.
+    Every rank draws the augmentation of the whole global batch, so the generator stays in
+    step; an augmentation that takes ``batch=``/``start=`` (``by_rows``, the run's own)
+    distorts only this rank's rows, any other distorts the whole batch.  This rank's loss
+    is the sum over its slice divided by the GLOBAL batch size (plus the penalty divided
+    by the number of ranks), so the gradients summed across ranks are those of the global
+    batch's mean loss (plus the penalty), as one process computes them.  The loss is
+    checked for NaN after the reduction, so every rank raises together.
 
     Returns:
         The global batch's mean loss (without the penalty).
@@ -183,12 +187,17 @@ def _shared_step(model, xb: torch.Tensor, yb: torch.Tensor, optimizer, penalty, 
     Raises:
         NonFiniteLoss: the global loss (with the penalty) is NaN or infinite.
     """
-    size = len(yb)
-    mine = dist.shard(xb, yb)
+    size = len(idx)
+    lo, hi = dist.bounds(size)
     # a rank whose slice is empty (a last batch smaller than the ranks) still runs a forward
     # pass, weighted 0, so the draws a forward makes (L0 gate noise) stay in step
-    weight = 1.0 if len(mine[1]) else 0.0
-    xb, yb = mine if weight else (xb[:2], yb[:2])
+    weight = 1.0 if hi > lo else 0.0
+    lo, hi = (lo, hi) if weight else (0, min(2, size))
+    xb, yb = X[idx[lo:hi]], y[idx[lo:hi]]
+    if augment is not None and getattr(augment, "by_rows", False):
+        xb = augment(xb, batch=size, start=lo)
+    elif augment is not None:
+        xb = augment(X[idx])[lo:hi]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     local = F.cross_entropy(model(xb), yb, reduction="sum") * weight

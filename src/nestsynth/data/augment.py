@@ -106,6 +106,8 @@ def random_affine(
     shift: float = 0.1,
     scale: tuple[float, float] = (0.9, 1.1),
     shear: float = 10.0,
+    batch: int | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """Apply an independent random affine distortion to every image of a batch.
 
@@ -121,6 +123,10 @@ def random_affine(
         shift: largest shift as a fraction of height/width.
         scale: ``(low, high)`` range of the scale factor.
         shear: largest shear angle in degrees.
+        batch, start: ``x`` is rows ``start..start + len(x)`` of a batch of ``batch`` images:
+            the distortions of the whole batch are drawn (the generator advances as for
+            the whole batch) and those rows' are applied; under torchrun each rank distorts
+            its slice of the global batch this way.  Default: ``x`` is the whole batch.
 
     Returns:
         The distorted images, same shape, dtype and device as ``x``.
@@ -129,9 +135,13 @@ def random_affine(
         NestError: on a non-image tensor, a non-generator or invalid ranges.
     """
     lo, hi = _check(x, generator, {"rotate": rotate, "shift": shift, "shear": shear}, scale)
-    if x.shape[0] == 0:
+    if (x.shape[0] if batch is None else batch) == 0:
         return x.clone()
-    u = torch.rand((x.shape[0], 5), generator=generator, device=generator.device)
+    u = torch.rand((x.shape[0] if batch is None else batch, 5), generator=generator, device=generator.device)
+    if batch is not None:
+        u = u[start:start + x.shape[0]]
+        if x.shape[0] == 0:
+            return x.clone()
     u = u.to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     sym = 2.0 * u - 1.0
     theta = affine_matrix(
