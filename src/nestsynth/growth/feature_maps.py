@@ -63,6 +63,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..distributed import current
 from ..errors import NestError
 from ..select import top_k
 from ..sparse.conv import MaskedConv2d
@@ -196,6 +197,9 @@ def gradient_outgoing(model, h: int, post: torch.Tensor, delta: torch.Tensor, co
     explicitly; the ``count`` positions of largest |G| get -G, scaled so their mean
     magnitude is ``bound / 2``; the rest is 0.
 
+    Under torchrun ``post`` and ``delta`` are this rank's part of the data (``delta``
+    scaled to the whole mean) and G is summed across ranks before the choice.
+
     Returns:
         w_out with the shape :func:`random_feature_map` gives.
     """
@@ -204,7 +208,7 @@ def gradient_outgoing(model, h: int, post: torch.Tensor, delta: torch.Tensor, co
         g = torch.nn.grad.conv2d_weight(post, _out_shape(model, h), delta, nxt.stride, nxt.padding)
     else:
         g = delta.T @ post
-    return descent_weights(g, count, bound)
+    return descent_weights(current().all_reduce_sum([g])[0], count, bound)  # torchrun: shards' sums
 
 
 def descent_weights(g: torch.Tensor, count: int, bound: float) -> torch.Tensor:
@@ -219,6 +223,16 @@ def descent_weights(g: torch.Tensor, count: int, bound: float) -> torch.Tensor:
     if size > 0:
         w *= (bound / 2) / size
     return w.view_as(g)
+
+
+def _mean_loss(logits: torch.Tensor, y: torch.Tensor, n: int) -> float:
+    """Mean cross-entropy over the ``n`` examples of which (logits, y) are this process's part
+    (all of them alone; under torchrun the ranks' sums are added)."""
+    dist = current()
+    if not dist.active:
+        return float(F.cross_entropy(logits, y))
+    total = F.cross_entropy(logits, y, reduction="sum").reshape(1).double()
+    return float(dist.all_reduce_sum([total])[0]) / n
 
 
 def _stats(loss_before: float, losses: list[float], best: int) -> dict:
@@ -266,13 +280,15 @@ def grow_feature_maps(model, h: int, n_maps: int, X: torch.Tensor, y: torch.Tens
         raise NestError(f"unknown out_init {out_init!r}; use 'random' or 'gradient'.")
     was = model.training
     model.eval()
+    n, dist = len(X), current()
+    X, y = dist.shard(X, y)  # under torchrun: this rank's part; losses and gradients are summed
     try:
         with torch.no_grad():
             inputs, outputs = model.trace(X)
             x_h, u_next = inputs[h], outputs[h + 1]
-            loss_of = lambda extra: float(F.cross_entropy(forward_from(model, h + 1, u_next + extra), y))
+            loss_of = lambda extra: _mean_loss(forward_from(model, h + 1, u_next + extra), y, n)
             total = torch.zeros_like(u_next)
-            loss_before = float(F.cross_entropy(outputs[-1], y))
+            loss_before = _mean_loss(outputs[-1], y, n)
             ins, outs, stats = [], [], []
             if out_init == "gradient":
                 a_out = _bounds(model, h, scale)[1]
@@ -280,6 +296,8 @@ def grow_feature_maps(model, h: int, n_maps: int, X: torch.Tensor, y: torch.Tens
             for _ in range(n_maps):
                 cands, losses, extras = [], [], []
                 delta = loss_gradient(model, h, u_next + total, y) if out_init == "gradient" else None
+                if delta is not None and dist.active:  # this rank's mean -> its share of the whole mean
+                    delta = delta * (len(y) / n)
                 for _ in range(candidates):
                     w_in, w_out = random_feature_map(model, h, density, generator, scale)
                     post = new_map_output(model, h, x_h, w_in)
