@@ -316,8 +316,9 @@ def test_macs_per_weight_hand_counts():
 
 
 def test_flops_control_prices_and_steers():
-    """cost = 1 + mu * m / m_bar (m_bar the live mean at the start); E[F] = 2 * sum P * m;
-    mu rises while E[F] is above its goal and falls below it."""
+    """cost = (1 + mu * m / m_bar) / c (m_bar the live mean at the start, c the P-weighted mean
+    of the numerator, so sum P * cost = sum P: the penalty's total is the plain one);
+    E[F] = 2 * sum P * m; mu rises while E[F] is above its goal and falls below it."""
     from nestsynth.pruning.gates import BETA, FlopsControl, L0Gates, prob_nonzero
 
     net = _conv_fc()
@@ -327,12 +328,16 @@ def test_flops_control_prices_and_steers():
     ctl = FlopsControl(gates, target=100.0, steps=10, gain=0.1, share=1.0, mu=0.5)
     m_bar = macs / 30
     assert ctl.start == 2 * macs and ctl.scale == pytest.approx(m_bar)
-    assert torch.allclose(gates.cost[0][0], torch.full((1, 3, 3), 1 + 0.5 * 8 / m_bar))
-    assert torch.allclose(gates.cost[1], torch.full((3, 5), 1 + 0.5 / m_bar))
+    # equal gates: the P-weighted mean of the numerator is its live mean, 1 + mu
+    assert torch.allclose(gates.cost[0][0], torch.full((1, 3, 3), (1 + 0.5 * 8 / m_bar) / 1.5))
+    assert torch.allclose(gates.cost[1], torch.full((3, 5), (1 + 0.5 / m_bar) / 1.5))
+    live = float(sum((c * layer.mask).sum() for c, layer in zip(gates.cost, net.layers)))
+    assert live == pytest.approx(30.0)
     p0 = float(prob_nonzero(torch.zeros(()), BETA))
     assert ctl.expected_flops() == pytest.approx(2 * macs * p0)
     ctl()  # E[F] = 2 * 228 * p0 > goal(0) = 100 + (456 - 100) * 0.9^3 ~ 360: mu rises
-    assert ctl.mu > 0.5 and ctl.step == 1 and gates.cost[1][0, 0] == pytest.approx(1 + ctl.mu / m_bar)
+    assert ctl.mu > 0.5 and ctl.step == 1
+    assert float(gates.cost[1][0, 0]) == pytest.approx((1 + ctl.mu / m_bar) / (1 + ctl.mu))
     with torch.no_grad():
         for t in gates.theta:
             t.fill_(-20.0)  # every gate shut: E[F] ~ 0, below any goal
@@ -383,3 +388,24 @@ def test_l0_criterion_overrides_are_validated_together(tmp_path):
     assert (cfg.pruning.criterion, cfg.pruning.target_weights) == ("l0", 3000)
     with pytest.raises(NestError, match="pruning.target_weights"):
         C.load(None, ['pruning.criterion="l0"'])
+
+
+@pytest.mark.parametrize("flops", [0, 20000])
+def test_grow_back_under_a_flop_target_ranks_gradient_per_mac(digits, monkeypatch, flops):
+    """With equal |dL/dw| everywhere, Policy 1's grow-back takes the first dormant positions
+    (conv1: the selector's tie rule); under a FLOP target |dL/dw| / MACs puts every grown
+    connection in the fully connected layers (1 MAC each)."""
+    from types import SimpleNamespace
+
+    import nestsynth.synthesis as S
+    from test_synthesis_cnn import small_cnn_cfg
+
+    cfg = small_cnn_cfg(pruning={"criterion": "l0", "target_weights": 400, "target_flops": flops})
+    syn = Synthesis(RunContext(cfg, digits, resolve_reference(cfg.model, digits)))
+    monkeypatch.setattr(S, "gradient_scan", lambda model, *a, **k: SimpleNamespace(
+        grads=[torch.ones_like(layer.weight) for layer in model.layers]))
+    before = [layer.active_connections() for layer in syn.model.layers]
+    syn._grow_by_gradient(5)
+    grown = [layer.active_connections() - b for layer, b in zip(syn.model.layers, before)]
+    convs = sum(g for g, layer in zip(grown, syn.model.layers) if layer.weight.dim() == 4)
+    assert sum(grown) == 5 and convs == (0 if flops else 5)

@@ -42,7 +42,7 @@ from .growth import (connections_to_grow, gradient_scan, grow_connections, grow_
 from .growth.scores import scan_indices
 from .pruning import gates as G
 from .pruning.gates import (BETA, FlopsControl, L0Gates, L0SizeControl, initial_log_alpha, keep_most_open,
-                            theta_scale)
+                            macs_per_weight, theta_scale)
 from .pruning import (constant_rate_removal, cubic_count, effective_scores, erk_allocation, lamp_scores,
                       neurons_to_keep, output_statistics, prune_smallest_global, remove_neurons, split_removal)
 from .graph.network import KIND as GRAPH_KIND
@@ -498,12 +498,17 @@ class Synthesis:
     def _grow_by_gradient(self, counts: list[int] | int, barred: list[torch.Tensor] | None = None) -> None:
         """Wake the dormant connections with the largest |dL/dw| (Policy 1's score), at
         weight 0: ``counts`` over all layers, or ``counts[i]`` in layer i.  Frozen layers
-        and the ``barred`` positions (bool, one per layer) cannot grow."""
+        and the ``barred`` positions (bool, one per layer) cannot grow.  Under a FLOP target
+        (``pruning.target_flops``) the score is |dL/dw| per multiply-accumulate the weight
+        would cost, so the grow-back after the gates' projection does not undo their FLOP
+        savings (a LeNet-5 conv1 weight costs 576 MACs, an fc weight one)."""
         model = self.model
         X, y = self._score_data()
         scan = gradient_scan(model, X, y, self.cfg.train.eval_batch_size, bridges=False)
         blocked = self._frozen_masks() if barred is None else [f | b for f, b in zip(self._frozen_masks(), barred)]
         scores = [g.abs().masked_fill(b, 0.0) for g, b in zip(scan.grads, blocked)]
+        if self.cfg.pruning.target_flops > 0:
+            scores = [s_ / macs_per_weight(layer).clamp_min(1.0) for s_, layer in zip(scores, model.layers)]
         masks = [layer.mask for layer in model.layers]
         new = grow_connections_global(scores, masks, counts) if isinstance(counts, int) else \
             [grow_connections(s, m, k) for s, m, k in zip(scores, masks, counts)]
