@@ -202,25 +202,52 @@ def test_forced_mismatch_stops_every_rank_with_one_sentence(tmp_path):
     assert not (out / "report.json").exists() and not (out / ".lock").exists()
 
 
-@pytest.mark.slow
-def test_ctrl_c_then_resume_under_two_processes(tmp_path):
-    """Ctrl-C (SIGINT to the launch's process group) stops both ranks; ``--resume`` under
-    torchrun ends exactly where an uninterrupted 2-process run ends."""
-    sets = [*SHORT, "--set", "growth.max_iterations=6", "--set", "train.min_steps_per_epoch=150"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert torchrun(["synthesize", "--config", CONFIG, "--out", str(full), "--quiet", *sets]).returncode == 0
+LONGER = [*SHORT, "--set", "growth.max_iterations=6", "--set", "train.min_steps_per_epoch=150"]
+
+
+def _launch_until_growth(out: Path, rows: int = 2) -> subprocess.Popen:
+    """A 2-process synthesis (``LONGER``) in its own process group, returned once ``rows``
+    growth rows are in its metrics.jsonl."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nestsynth",
-           "synthesize", "--config", CONFIG, "--out", str(cut), "--quiet", *sets]
+           "synthesize", "--config", CONFIG, "--out", str(out), "--quiet", *LONGER]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        metrics = cut / "metrics.jsonl"
-        if metrics.is_file() and sum(1 for line in metrics.read_text().splitlines()
-                                     if '"phase": "growth"' in line) >= 2:
-            break
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and metrics.read_text().count('"phase": "growth"') >= rows:
+            return proc
         time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.kill()
+    raise AssertionError("the run ended before it could be interrupted")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_other(tmp_path):
+    """SIGKILL of rank 1 mid-run: rank 0 stops within seconds with one sentence, and the last
+    checkpoint stays (the run can be resumed)."""
+    out = tmp_path / "run"
+    proc = _launch_until_growth(out)
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
+    environ = {int(pid): dict(entry.split("=", 1) for entry in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                              if "=" in entry) for pid in children.stdout.split()}
+    ranks = {int(env["RANK"]): pid for pid, env in environ.items() if "RANK" in env}
+    assert sorted(ranks) == [0, 1]
+    t0 = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - t0 < 60 and proc.returncode != 0
+    assert err.count("nestsynth: error: stopping because another process of this launch stopped") == 1
+    assert (out / "checkpoints" / "last.pt").is_file() and not (out / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_under_two_processes(tmp_path):
+    """Ctrl-C (SIGINT to the launch's process group) stops both ranks; ``--resume`` under
+    torchrun ends exactly where an uninterrupted 2-process run ends."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert torchrun(["synthesize", "--config", CONFIG, "--out", str(full), "--quiet", *LONGER]).returncode == 0
+    proc = _launch_until_growth(cut)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and not (cut / "report.json").exists()
