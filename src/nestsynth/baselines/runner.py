@@ -50,6 +50,7 @@ def run_method(cfg: Config, data: DataBundle, reference: ModelSpec | CNNSpec | G
     """
     method = get_method(cfg.method)
     check_supported(method, reference)
+    current().mask_checks = current().mask_mismatches = 0  # counted per run (compare runs several)
     ctx = RunContext(cfg, data, reference, out, progress=progress, on_iteration=on_iteration, resume=resume)
     ctx.open_directory(method.checkpointed)
     t0 = time.monotonic()
