@@ -134,6 +134,26 @@ def test_augmenting_slices_equals_augmenting_the_batch():
 
 
 # ---- two processes ------------------------------------------------------------------------------
+SCANS = ["gradient_scan", "gradient_scan_cnn", "output_statistics", "evaluate", "area_scores",
+         "feature_map_statistics", "grow_feature_maps_gradient", "grow_feature_maps_random", "group_bridging_gradient",
+         "group_statistics", "grow_group_maps", "mean_gradient", "hessian_gradient", "layer_hessian",
+         "mean_activations", "sensitivity"]
+
+
+def test_every_sharded_scan_equals_the_whole_scan():
+    """Oracle: on each of 2 ranks every score computed on the rank's part of the sample and
+    summed across ranks equals (1e-4 relative) the score computed alone on the whole sample,
+    and Policy 3 picks the same units (tests/dist_scans_probe.py)."""
+    import re
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_scans_probe.py")]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = re.findall(r"(OK|BAD) (\w+) \(largest difference", r.stdout)
+    assert sorted(name for verdict, name in found if verdict == "OK") == sorted(SCANS * 2), r.stdout
+
+
 def test_nest_two_processes_match_one(tmp_path):
     """NeST on an MLP with augmented images (each rank distorts its slice with the batch's draws)."""
     one, two = tmp_path / "one", tmp_path / "two"

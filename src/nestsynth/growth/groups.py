@@ -50,10 +50,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..graph.units import column_block, current, group_reads, install_units, member_indices
 from ..sparse.conv import MaskedConv2d
 from .conv import _EvalMode, weight_gradient
-from .feature_maps import _sparse_uniform, _stats, descent_weights, layer_bound
+from .feature_maps import _mean_loss, _sparse_uniform, _stats, descent_weights, layer_bound
 from .neurons import grow_neurons
 
 
@@ -91,13 +92,15 @@ def group_bridging_gradient(model, group, X: torch.Tensor, y: torch.Tensor, batc
     G = torch.zeros(sum(layers[c].out_features for c in consumers), sum(layers[j].in_features for j in members),
                     device=X.device)
     n = len(X)
+    X, y = distributed.current().shard(X, y)  # under torchrun: this rank's part, G summed below
     with _EvalMode(model):
-        for sl in _batches(n, batch_size):
+        for sl in _batches(len(X), batch_size):
             inputs, outputs = model.trace(X[sl])
             loss = F.cross_entropy(outputs[-1], y[sl], reduction="sum") / n
             deltas = torch.autograd.grad(loss, [outputs[c] for c in consumers])
             with torch.no_grad():
                 G += torch.cat(deltas, 1).T @ torch.cat([inputs[j].detach() for j in members], 1)
+    distributed.current().all_reduce_sum([G])
     return G * _reachable(model, group, members, consumers).to(G)
 
 
@@ -167,23 +170,28 @@ def _write(model, group, units: torch.Tensor, rows: dict, cols: dict) -> None:
 
 
 @torch.no_grad()
-def _loss(model, X: torch.Tensor, y: torch.Tensor) -> float:
+def _loss(model, X: torch.Tensor, y: torch.Tensor, n: int) -> float:
+    """Mean cross-entropy over the ``n`` examples of which (X, y) are this process's part."""
     with _EvalMode(model):
-        return float(F.cross_entropy(model(X), y))
+        return _mean_loss(model(X), y, n)
 
 
-def _column_gradients(model, group, units: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> dict:
-    """Read position -> dL/dw of the consumer at the columns of ``units`` (mean cross-entropy,
-    eval mode), shaped like :func:`column_block`."""
+def _column_gradients(model, group, units: torch.Tensor, X: torch.Tensor, y: torch.Tensor, n: int) -> dict:
+    """Read position -> dL/dw of the consumer at the columns of ``units`` (mean cross-entropy
+    over the ``n`` examples of which (X, y) are this process's part, eval mode), shaped like
+    :func:`column_block`."""
     reads = group_reads(model, group)
     consumers = list(dict.fromkeys(i for i, _ in reads))
     with _EvalMode(model), torch.enable_grad():
         inputs, outputs = model.trace(X)
         loss = F.cross_entropy(outputs[-1], y)
+        if distributed.current().active:  # this rank's mean -> its share of the whole mean
+            loss = loss * (len(y) / n)
         deltas = dict(zip(consumers, torch.autograd.grad(loss, [outputs[i] for i in consumers])))
     out = {}
     with torch.no_grad():
         full = {i: weight_gradient(model.layers[i], inputs[i].detach(), deltas[i]) for i in consumers}
+        distributed.current().all_reduce_sum(list(full.values()))  # before the descent's top-k
         for k, (i, s) in enumerate(reads):
             out[k] = full[i].index_select(1, s.indices(units).to(full[i].device))
     return out
@@ -207,6 +215,8 @@ def grow_group_maps(model, group, n_maps: int, X: torch.Tensor, y: torch.Tensor,
         One stats dict per unit (as :func:`nestsynth.growth.grow_feature_maps`).
     """
     stats = []
+    n = len(X)
+    X, y = distributed.current().shard(X, y)  # under torchrun: losses and gradients summed over ranks
     for _ in range(n_maps):
         group = current(model, group)
         members, reads = member_indices(model, group), group_reads(model, group)
@@ -219,7 +229,7 @@ def grow_group_maps(model, group, n_maps: int, X: torch.Tensor, y: torch.Tensor,
         unit = torch.tensor([group.units - 1])
         shapes = [tuple(column_block(layers[i], s, unit).shape) for i, s in reads]
         zeros = {k: torch.zeros(shape) for k, shape in enumerate(shapes)}
-        loss_before = _loss(model, X, y)  # the new unit reads nothing yet: the model without it
+        loss_before = _loss(model, X, y, n)  # the new unit reads nothing yet: the model without it
         cands, losses = [], []
         for _ in range(candidates):
             rows = {p: _sparse_uniform((1, *layers[j].weight.shape[1:]), d, a, generator)
@@ -227,12 +237,12 @@ def grow_group_maps(model, group, n_maps: int, X: torch.Tensor, y: torch.Tensor,
             cols = {k: _sparse_uniform(shape, dens_out, a, generator) for k, (shape, a) in enumerate(zip(shapes, a_out))}
             if out_init == "gradient":
                 _write(model, group, unit, rows, zeros)
-                grads = _column_gradients(model, group, unit, X, y)
+                grads = _column_gradients(model, group, unit, X, y, n)
                 cols = {k: descent_weights(grads[k], max(1, round(dens_out * math.prod(shapes[k]))), a_out[k])
                         for k in range(len(reads))}
             _write(model, group, unit, rows, cols)
             cands.append((rows, cols))
-            losses.append(_loss(model, X, y))
+            losses.append(_loss(model, X, y, n))
         best = min(range(candidates), key=losses.__getitem__)
         stats.append(_stats(loss_before, losses, best))
         install_units(model, group, unit, *cands[best], optimizer, warm)

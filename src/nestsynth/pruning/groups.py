@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..graph.units import current, fed_in, group_reads, member_indices, reads_unit
 from .feature_maps import mean_input_shift
 
@@ -62,6 +63,8 @@ def group_statistics(model, X: torch.Tensor, batch_size: int = 256) -> dict[tupl
     reader's input at the group's units over X (eval mode)."""
     groups = [g for g in model.groups() if g.resizable]
     sums: dict = {}
+    n = max(len(X), 1)
+    X = distributed.current().shard(X)[0]  # under torchrun: this rank's part (at least one), summed below
     was = model.training
     model.eval()
     try:
@@ -77,7 +80,7 @@ def group_statistics(model, X: torch.Tensor, batch_size: int = 256) -> dict[tupl
                     acc[k][1] = per_unit if acc[k][1] is None else acc[k][1] + per_unit
     finally:
         model.train(was)
-    n = max(len(X), 1)
+    distributed.current().all_reduce_sum([t for acc in sums.values() for pair in acc for t in pair])
     return {key: [ReadStats(m / n, a / n) for m, a in acc] for key, acc in sums.items()}
 
 
