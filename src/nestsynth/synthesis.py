@@ -363,7 +363,7 @@ class Synthesis:
         steps = st.prune_iterations * p.retrain_epochs * self.ctx.steps_per_epoch()
         self.gate_control = L0SizeControl(self.gates, lam, p.target_weights, steps, G.GAIN, p.schedule_share)
         self.gate_control.step = step
-        self.flops_control = FlopsControl(self.gates, p.target_flops, steps, G.GAIN, p.schedule_share,
+        self.flops_control = FlopsControl(self.gates, p.target_flops, steps, G.FLOPS_GAIN, p.schedule_share,
                                           **(flops or {})) if p.target_flops > 0 else None
 
     def _gate_controls(self) -> None:

@@ -28,6 +28,8 @@ LAM = 0.3  # penalty per expected non-zero weight, times 1/N (paper: 0.1)
 DROPRATE = 0.5  # initial log_alpha = log(1 - p) - log(p)
 LR_SCALE = 10.0  # learning rate of log_alpha relative to the weights'
 GAIN = 0.01  # L0SizeControl's step
+FLOPS_GAIN = 0.002  # FlopsControl's step (at GAIN, mu ran away: x74 per LeNet-5 epoch while E[F] lagged)
+FLOPS_MU = 0.1  # FlopsControl's starting mu
 
 # Hard concrete stretch interval (gamma, zeta) and default temperature (Louizos et al., 2018).
 GAMMA, ZETA, BETA = -0.1, 1.1, 2.0 / 3.0
@@ -231,12 +233,12 @@ class FlopsControl:
         steps: optimizer steps of the whole gated training.
         gain: the controller's step.
         share: share of ``steps`` over which the goal falls.
-        mu, start, scale, step: the controller's state (a new phase: mu = 1e-3, start = the
+        mu, start, scale, step: the controller's state (a new phase: mu = FLOPS_MU, start = the
             network's FLOPs, scale = m_bar; a resumed phase passes what it saved).
     """
 
     def __init__(self, gates: L0Gates, target: float, steps: int, gain: float, share: float = 2.0 / 3.0,
-                 mu: float = 1e-3, start: float | None = None, scale: float | None = None, step: int = 0):
+                 mu: float = FLOPS_MU, start: float | None = None, scale: float | None = None, step: int = 0):
         self.gates, self.target, self.gain, self.mu, self.step = gates, float(target), gain, mu, step
         layers = gates.model.layers
         self.macs = [macs_per_weight(layer) for layer in layers]
