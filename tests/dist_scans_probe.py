@@ -67,6 +67,9 @@ def main() -> None:
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     mlp = SparseMLP([64, 32, 16, 10], generator=gen())
     cnn = resolve_reference("tiny-cnn", data).build(gen())
+    from nestsynth.seeds.cnn import make_cnn_seed
+
+    sparse_cnn = make_cnn_seed(resolve_reference("tiny-cnn", data), 0.5, 0.3, gen())  # has dormant positions
     resnet = resolve_reference("resnet-mnist", data).build(gen())
     graph_mlp = SparseGraph.from_module(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
                                         (1, 8, 8), gen())
@@ -75,6 +78,7 @@ def main() -> None:
     from nestsynth.baselines.obs import layer_hessian
     from nestsynth.baselines.regularized import sensitivity
     from nestsynth.baselines.saliency import hessian_gradient, mean_gradient
+    from nestsynth.growth.conv import dormant_topk
     from nestsynth.growth.feature_maps import grow_feature_maps
     from nestsynth.growth.groups import group_bridging_gradient, grow_group_maps, is_conv_group, is_linear_group
     from nestsynth.growth.scores import gradient_scan
@@ -86,6 +90,8 @@ def main() -> None:
 
     check("gradient_scan", lambda: gradient_scan(mlp, X, y, 64))
     check("gradient_scan_cnn", lambda: gradient_scan(cnn, X, y, 64, bridges=False))
+    check("dormant_topk_cached", lambda: dormant_topk(sparse_cnn, X, y, 50, 64, cache=True))
+    check("dormant_topk_uncached", lambda: dormant_topk(sparse_cnn, X, y, 50, 64, block_rows=8, cache=False))
     check("output_statistics", lambda: output_statistics(mlp, X, 64))
     check("evaluate", lambda: evaluate(mlp, X, y, 64))
     check("area_scores", lambda: area_scores(cnn, 0, X, 64))

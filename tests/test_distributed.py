@@ -134,7 +134,7 @@ def test_augmenting_slices_equals_augmenting_the_batch():
 
 
 # ---- two processes ------------------------------------------------------------------------------
-SCANS = ["gradient_scan", "gradient_scan_cnn", "output_statistics", "evaluate", "area_scores",
+SCANS = ["gradient_scan", "gradient_scan_cnn", "dormant_topk_cached", "dormant_topk_uncached", "output_statistics", "evaluate", "area_scores",
          "feature_map_statistics", "grow_feature_maps_gradient", "grow_feature_maps_random", "group_bridging_gradient",
          "group_statistics", "grow_group_maps", "mean_gradient", "hessian_gradient", "layer_hessian",
          "mean_activations", "sensitivity"]

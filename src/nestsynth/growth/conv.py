@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 
+from ..distributed import current
 from ..sparse.conv import MaskedConv2d
 
 
@@ -237,27 +238,35 @@ def dormant_topk(model, X: torch.Tensor, y: torch.Tensor, k: int, batch_size: in
     offsets = _layer_offsets(model)
     conv_ids = [i for i, layer in enumerate(layers) if _is_conv(layer)]
     lin_ids = [i for i, layer in enumerate(layers) if not _is_conv(layer)]
-    if cache is None:
+    if cache is None:  # decided on the whole sample, so every rank takes the same path
         cache = _linear_cache_elems(model, n) <= max_cache_elems
     block_rows = max(1, int(block_rows))
     top = RunningTopK(k, X.device, layers[0].weight.dtype)
+    X, y = current().shard(X, y)  # under torchrun: this rank's part; every block is summed before its push
     with _EvalMode(model):
         if cache:
-            _scan_cached(model, X, y, top, offsets, conv_ids, lin_ids, batch_size, block_rows)
+            _scan_cached(model, X, y, n, top, offsets, conv_ids, lin_ids, batch_size, block_rows)
         else:
-            _scan_uncached(model, X, y, top, offsets, conv_ids, lin_ids, batch_size, block_rows)
+            _scan_uncached(model, X, y, n, top, offsets, conv_ids, lin_ids, batch_size, block_rows)
     return top.values, top.indices
 
 
 def _push_linear_block(top: RunningTopK, layer, g_rows: torch.Tensor, r0: int, offset: int) -> None:
-    """Push rows r0.. of a linear layer's gradient block (rows, in)."""
+    """Push rows r0.. of a linear layer's gradient block (rows, in), summed across ranks."""
+    g_rows = current().all_reduce_sum([g_rows])[0]
     rows = slice(r0, r0 + len(g_rows))
     top.push(_dormant_scores(g_rows, layer.mask[rows]), offset + r0 * layer.in_features)
 
 
-def _scan_cached(model, X, y, top, offsets, conv_ids, lin_ids, batch_size, block_rows) -> None:
-    """One data pass: conv gradients accumulated; linear x (N, in) and delta (N, out) stored."""
-    n, layers = len(X), model.layers
+def _push_conv(top: RunningTopK, layer, g: torch.Tensor, offset: int) -> None:
+    """Push a conv layer's dormant scores from its gradient, summed across ranks."""
+    top.push(_dormant_scores(current().all_reduce_sum([g])[0], layer.mask), offset)
+
+
+def _scan_cached(model, X, y, n, top, offsets, conv_ids, lin_ids, batch_size, block_rows) -> None:
+    """One data pass: conv gradients accumulated; linear x (B, in) and delta (B, out) stored
+    (B: this process's part of the n examples)."""
+    layers = model.layers
     conv_g = {i: torch.zeros_like(layers[i].weight, memory_format=torch.contiguous_format) for i in conv_ids}
     xs = {i: [] for i in lin_ids}
     ds = {i: [] for i in lin_ids}
@@ -269,11 +278,11 @@ def _scan_cached(model, X, y, top, offsets, conv_ids, lin_ids, batch_size, block
             xs[i].append(x)
             ds[i].append(d)
 
-    for sl in _batches(n, batch_size):
+    for sl in _batches(len(X), batch_size):
         scan_batch(model, X[sl], y[sl], n, conv_ids + lin_ids, on_delta)
     with torch.no_grad():
         for i in conv_ids:
-            top.push(_dormant_scores(conv_g.pop(i), layers[i].mask), offsets[i])
+            _push_conv(top, layers[i], conv_g.pop(i), offsets[i])
         for i in lin_ids:
             x, d = torch.cat(xs.pop(i)), torch.cat(ds.pop(i))  # (N, in), (N, out)
             for r0 in range(0, layers[i].out_features, block_rows):
@@ -281,10 +290,10 @@ def _scan_cached(model, X, y, top, offsets, conv_ids, lin_ids, batch_size, block
                 _push_linear_block(top, layers[i], g, r0, offsets[i])
 
 
-def _scan_uncached(model, X, y, top, offsets, conv_ids, lin_ids, batch_size, block_rows) -> None:
+def _scan_uncached(model, X, y, n, top, offsets, conv_ids, lin_ids, batch_size, block_rows) -> None:
     """Pass p over the data accumulates row block p of every linear layer (and, in pass 0,
     the conv gradients)."""
-    n, layers = len(X), model.layers
+    layers = model.layers
     passes = max(-(-layers[i].out_features // block_rows) for i in lin_ids) if lin_ids else 1
     for p in range(passes):
         r0 = p * block_rows
@@ -300,14 +309,14 @@ def _scan_uncached(model, X, y, top, offsets, conv_ids, lin_ids, batch_size, blo
             else:
                 acc[i] += weight_gradient(layers[i], x, d)
 
-        for sl in _batches(n, batch_size):
+        for sl in _batches(len(X), batch_size):
             scan_batch(model, X[sl], y[sl], n, [i for i in conv_ids + live if i in acc], on_delta)
         with torch.no_grad():
             for i in list(acc):
                 if i in lin_ids:
                     _push_linear_block(top, layers[i], acc.pop(i), r0, offsets[i])
                 else:
-                    top.push(_dormant_scores(acc.pop(i), layers[i].mask), offsets[i])
+                    _push_conv(top, layers[i], acc.pop(i), offsets[i])
 
 
 def masks_with(model, flat_indices: torch.Tensor) -> list[torch.Tensor]:
