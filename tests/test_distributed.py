@@ -177,6 +177,23 @@ def test_baseline_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_gated_nest_two_processes_match_one(tmp_path):
+    """pruning.criterion = "l0": the gates' penalty is added once across ranks and their noise is
+    drawn in step on every rank (the gated rows, the projection and fine-tuning agree)."""
+    sets = [*SHORT, "--set", "dense.epochs=1", "--set", "growth.max_iterations=2", "--set", 'pruning.criterion="l0"',
+            "--set", "pruning.target_weights=1200", "--set", "pruning.budget_epochs=8", "--set", "pruning.final_epochs=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["synthesize", "--config", CONFIG, "--out", str(one), "--quiet", *sets]) == 0
+    r = torchrun(["synthesize", "--config", CONFIG, "--out", str(two), "--quiet", *sets])
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_checked(two)
+    _assert_close(one, two)
+    assert [x.get("expected_l0") for x in _rows(one)] == pytest.approx([x.get("expected_l0") for x in _rows(two)],
+                                                                       rel=1e-3)
+    assert _report(two)["weights"]["final"] == 1200
+
+
+@pytest.mark.slow
 def test_cnn_two_processes_match_one(tmp_path):
     """A CNN: feature-map growth, partial-area scores and feature-map statistics under 2 ranks."""
     config = str(ROOT / "configs" / "digits-cnn-quick.toml")
