@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,11 @@ def test_digest_ignores_location_and_device_only():
     assert C.load(None, ["data.val_fraction=0.2"]).digest() != d
     assert base.digest() == d  # computing the digest does not alter the config
     assert base.data.data_dir == "" and base.device == "auto"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    """A shipped config with a typo or an out-of-range value would fail only when a user runs it."""
+    cfg = C.load(path)
+    assert cfg.model and cfg.digest() == C.load(path).digest()
