@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYER_WEIGHTS = [8 * 1 * 9, 16 * 8 * 9, 16 * 2 * 2 * 32, 32 * 10]  # 72, 1152, 2048, 320
 DENSE_WEIGHTS = 3592
 DENSE_FLOPS = 2 * (72 * 8 * 8 + 1152 * 4 * 4 + 2048 + 320)  # 2 x MACs = 50816
-UNSUPPORTED = ["sensitivity", "lobs", "n2ps", "radix"]
+UNSUPPORTED = ["sensitivity", "n2ps", "radix"]
 
 
 def test_hand_counts_match_the_spec():
@@ -197,6 +197,23 @@ def test_l0_gates_on_conv_layers_fold_exactly(digits, tiny):
     assert all(0 < k <= n for k, n in zip(_kept(model), LAYER_WEIGHTS))
 
 
+def test_lobs_on_conv_layers_keeps_exact_counts_and_compensates(digits, tiny):
+    """L-OBS on tiny-cnn: exact per-layer counts (conv kernels included), pruned weights zero,
+    and every layer's logged error is at most its prediction (k = 1: the predicted sum of
+    sensitivities is the error under the damped Hessian, which only adds a positive term)."""
+    s, out_s = 0.75, 0.5
+    model, report = _run("lobs", digits, tiny, dense_epochs=1, retrain_epochs=1, sparsity=s, output_sparsity=out_s,
+                         samples=300, recompute_every=1)
+    assert _kept(model) == [_keep(n, s) for n in LAYER_WEIGHTS[:-1]] + [_keep(LAYER_WEIGHTS[-1], out_s)]
+    ctx, mcfg = _ctx("lobs", digits, tiny, dense_epochs=1, retrain_epochs=0, sparsity=s, samples=300,
+                     recompute_every=1)
+    model = get_method("lobs").run(ctx, mcfg)
+    rows = [r for r in ctx.history if r["phase"] == "prune"]
+    assert [r["kept"] for r in rows] == [_keep(n, s) for n in LAYER_WEIGHTS] == _kept(model)
+    for r in rows:
+        assert 0 < r["layer_error"] <= r["predicted_error"] * (1 + 1e-6)
+
+
 @pytest.mark.parametrize("method", UNSUPPORTED)
 def test_mlp_only_methods_refuse_a_cnn_before_any_work(digits, tiny, tmp_path, method):
     out = tmp_path / "run"
@@ -210,9 +227,9 @@ def test_mlp_only_methods_refuse_a_cnn_before_any_work(digits, tiny, tmp_path, m
 
 
 def test_cli_prune_refuses_an_mlp_only_method_in_one_line(tmp_path):
-    rc, _, err = _call(["prune", "--method", "lobs", "--model", "tiny-cnn", "--dataset", "digits",
+    rc, _, err = _call(["prune", "--method", "n2ps", "--model", "tiny-cnn", "--dataset", "digits",
                         "--out", tmp_path / "r", "--quiet", "--device", "cpu"])
-    assert rc == 2 and "method lobs supports MLP references only" in _one_error_line(err)
+    assert rc == 2 and "method n2ps supports MLP references only" in _one_error_line(err)
     assert not (tmp_path / "r").exists()
 
 

@@ -192,3 +192,74 @@ def test_run_lobs_on_digits(digits):
     assert ctx.history[-1]["weights"] == model.active_weights() <= sum(expect)
     for row in ctx.history[1:4]:  # the layer error is finite and non-negative
         assert 0 <= row["layer_error"] < float("inf") and row["kept"] == expect[row["layer"]]
+
+
+# ---- conv layers: the patch Hessian -----------------------------------------------------------
+def _brute_force_conv_hessian(X: torch.Tensor, layer, fold_bias: bool) -> np.ndarray:
+    """(1/(n P)) sum over images and output positions of patch patch^T, by explicit loops:
+    each patch cut from the zero-padded image at (stride * row, stride * col)."""
+    k, s, pad = layer.kernel_size, layer.stride, layer.padding
+    Xp = torch.nn.functional.pad(X.double(), (pad, pad, pad, pad))
+    H_out, W_out = layer.out_hw
+    D = X.shape[1] * k * k + (1 if fold_bias else 0)
+    H = np.zeros((D, D))
+    for img in Xp:
+        for r in range(H_out):
+            for c in range(W_out):
+                v = img[:, r * s:r * s + k, c * s:c * s + k].reshape(-1).numpy()  # (channel, kh, kw)
+                if fold_bias:
+                    v = np.append(v, 1.0)
+                H += np.outer(v, v)
+    return H / (len(X) * H_out * W_out)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (1, 1), (2, 1)])
+@pytest.mark.parametrize("fold_bias", [True, False])
+def test_conv_hessian_equals_brute_force_patches(stride, padding, fold_bias, monkeypatch):
+    from nestsynth.baselines import obs
+    from nestsynth.sparse import MaskedConv2d
+    from nestsynth.sparse.conv import conv_out_size
+
+    monkeypatch.setattr(obs, "PATCH_CHUNK", 50)  # several chunks of images
+    gen = torch.Generator().manual_seed(5)
+    out_hw = (conv_out_size(6, 3, stride, padding),) * 2
+    layer = MaskedConv2d(2, 3, 3, out_hw, stride=stride, padding=padding, generator=gen)
+    X = torch.randn(7, 2, 6, 6, generator=gen)
+    H = layer_hessian(X, fold_bias, layer)
+    np.testing.assert_allclose(H, _brute_force_conv_hessian(X, layer, fold_bias), rtol=1e-12, atol=1e-12)
+
+
+def test_one_by_one_conv_hessian_is_the_linear_hessian_of_the_pixels():
+    from nestsynth.sparse import MaskedConv2d
+
+    gen = torch.Generator().manual_seed(6)
+    layer = MaskedConv2d(4, 2, 1, (5, 5), generator=gen)
+    X = torch.randn(3, 4, 5, 5, generator=gen)
+    pixels = X.permute(0, 2, 3, 1).reshape(-1, 4)  # every position of every image is one input vector
+    np.testing.assert_allclose(layer_hessian(X, True, layer), layer_hessian(pixels, True), rtol=1e-12, atol=1e-14)
+
+
+def test_conv_prune_layer_is_obs_on_the_flattened_kernel():
+    """prune_layer on a conv layer = lobs_prune on (out, in*k*k + bias) with the patch Hessian,
+    and the predicted error is the increase of the conv output's squared error."""
+    from nestsynth.sparse import MaskedConv2d
+
+    gen = torch.Generator().manual_seed(7)
+    layer = MaskedConv2d(2, 3, 3, (4, 4), padding=0, generator=gen)
+    X = torch.randn(20, 2, 6, 6, generator=gen)
+    W0 = torch.cat([layer.weight.detach().double().flatten(1), layer.bias.detach().double().unsqueeze(1)], 1)
+    H = layer_hessian(X, True, layer)
+    expect = lobs_prune(W0.numpy(), H, np.ones(W0.shape, bool), 20, 1, n_fixed=1)
+    with torch.no_grad():
+        before = torch.nn.functional.conv2d(X.double(), layer.weight.double(), layer.bias.double())
+    stats = prune_layer(layer, X, sparsity=20 / 54, damping=0.0, recompute_every=1)
+    assert stats["removed"] == 20 and layer.active_connections() == 54 - 20
+    np.testing.assert_array_equal(layer.mask.flatten(1).numpy() > 0, expect.active[:, :18])
+    torch.testing.assert_close(layer.weight.detach().double().flatten(1), torch.from_numpy(expect.weight[:, :18]),
+                               rtol=0, atol=1e-6)
+    assert torch.all(layer.weight[layer.mask == 0] == 0)
+    with torch.no_grad():
+        after = torch.nn.functional.conv2d(X.double(), layer.weight.double(), layer.bias.double())
+    increase = 0.5 * float(((after - before) ** 2).sum()) / (20 * 16)  # (1/(2 n P)) sum ||dW x||^2
+    assert increase == pytest.approx(stats["predicted_error"], rel=1e-4)
+    assert stats["layer_error"] == pytest.approx(stats["predicted_error"], rel=1e-6)

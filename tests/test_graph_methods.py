@@ -86,7 +86,7 @@ CHAIN_ONLY = "chain references \\(an MLP or a sequential CNN\\)"
 # method -> the sentence pattern it refuses a net with (nets that are absent: it runs)
 REFUSED = {"n2ps": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY},
            "radix": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY},
-           "sensitivity": {"resnet": "MLP references"}, "lobs": {"resnet": "MLP references"}}
+           "sensitivity": {"resnet": "MLP references"}}
 
 
 def expected_weights(method: str, layers: dict[str, int]) -> int | None:
@@ -249,9 +249,9 @@ def test_cli_prune_report_export_and_models_with_resnet_mnist(tmp_path):
     assert rc == 2 and "compress supports MLP and sequential CNN runs only" in one_error_line(err)
     rc, out, _ = call(["models"])
     assert rc == 0 and any(line.startswith("resnet20 ") and "270,896" in line for line in out.splitlines())
-    rc, _, err = call(["prune", "--method", "lobs", "--model", "resnet-mnist", "--dataset", "digits",
+    rc, _, err = call(["prune", "--method", "n2ps", "--model", "resnet-mnist", "--dataset", "digits",
                        "--out", tmp_path / "r2", "--quiet", "--device", "cpu"])
-    assert rc == 2 and "method lobs supports MLP references only" in one_error_line(err)
+    assert rc == 2 and "method n2ps supports chain references" in one_error_line(err)
     assert not (tmp_path / "r2").exists()
 
 

@@ -70,10 +70,27 @@ per-layer sparsity is set by a target sparsity per layer (the paper uses
 per-layer compression ratios); here one ``sparsity`` for every layer, optionally
 another for the output layer.  Ties in L are broken by position (row-major).
 
-MLP references only (a CNN reference, or a graph network with conv layers, is refused with a
-NestError before any work): the layer Hessian ``H`` above is over a linear layer's input vector;
-for a conv layer it would be over the unfolded input patches, which is not implemented.  A graph
-network of Linear layers (residual MLP) runs: each layer's inputs come from ``model.trace``.
+Conv layers (the paper's extension, Dong et al. 2017 Sec. 3.3): a conv kernel reshaped to
+``(out, in*k*k)`` (the layout of ``weight.flatten(1)``, which is also ``F.unfold``'s) acts on
+every input patch ``x_{p,t}`` (image p, output position t; the layer's stride and padding),
+so the layer error of ``dW`` is ``1/(2nP) sum_{p,t} ||dW x_{p,t}||^2`` and its Hessian block
+is the linear one with the inputs replaced by every patch of every image::
+
+    H = (1/(n P)) sum_p sum_t x_{p,t} x_{p,t}^T          (in*k*k (+1) square, P positions)
+
+accumulated over chunks of images (the patch matrix of the whole sample is never formed),
+float64; everything after H (OBS steps, restricted inverses, counts) is the linear layer's.
+Approximation: the partial-area mask ``A`` (out, H_out, W_out) of a MaskedConv2d is ignored
+by the Hessian: every output channel uses the H of all positions, although the positions a
+channel does not compute contribute nothing to its error (one Hessian per distinct area
+pattern would be exact).  L-OBS prunes the dense reference (``ctx.train_dense``), whose area
+is all ones, so in this harness the Hessian is exact.  Cost of a conv layer: one
+``(D, n P) @ (n P, D)`` product for H plus the OBS steps of ``out`` rows of D = in*k*k + 1.
+
+Every reference runs: an MLP, a sequential CNN (SparseCNN) and a graph network (SparseGraph,
+residual adds and concatenations included): each weight layer's inputs come from
+``model.trace`` (what the layer reads, in the order of ``model.layers``), and each layer is
+pruned on its own; ``output_sparsity`` applies to the last layer of ``model.layers``.
 """
 
 from __future__ import annotations
@@ -86,8 +103,7 @@ import torch
 
 from ..config import check
 from ..distributed import current
-from ..sparse import set_mask
-from .context import mlp_only
+from ..sparse import MaskedConv2d, set_mask
 from .registry import register_method
 
 
@@ -118,18 +134,63 @@ class LobsConfig:
 
 
 # ---- the layer Hessian ---------------------------------------------------------------
-def layer_hessian(X: torch.Tensor, fold_bias: bool = True) -> np.ndarray:
-    """``H = (1/n) sum_p x_p x_p^T`` of a layer's inputs, float64.
+PATCH_CHUNK = 1 << 22  # patch-matrix entries per chunk of images in conv_hessian_sum
+
+
+def patches(X: torch.Tensor, layer) -> torch.Tensor:
+    """Every input patch of a conv layer: (B, C, H, W) -> (B * P, C*k*k), rows image-major
+    then position-major (row-major over the output grid); columns laid out as
+    ``layer.weight.flatten(1)`` (channel, then kernel row, then kernel column)."""
+    k = layer.kernel_size
+    cols = torch.nn.functional.unfold(X, k, padding=layer.padding, stride=layer.stride)  # (B, C*k*k, P)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def conv_hessian_sum(X: torch.Tensor, layer, fold_bias: bool = True) -> tuple[torch.Tensor, int]:
+    """``(sum_{p,t} x_{p,t} x_{p,t}^T, P)`` over every patch of every image of X, float64.
 
     Args:
-        X: (n, in) inputs of the layer.
-        fold_bias: append a constant-1 column (the bias coordinate, last).
+        X: (B, C, H, W) inputs of the MaskedConv2d ``layer``.
+        layer: the conv layer (its kernel size, stride and padding; its area is ignored).
+        fold_bias: append a constant-1 coordinate (last) to every patch.
 
     Returns:
-        (D, D) array, D = in + 1 with the bias folded, else in.
+        ((D, D) float64 tensor on the CPU, positions per image P).
+    """
+    X = X.detach().to("cpu", torch.float64)
+    D = layer.weight[0].numel() + (1 if fold_bias else 0)
+    P = layer.out_hw[0] * layer.out_hw[1]
+    S = torch.zeros(D, D, dtype=torch.float64)
+    step = max(1, PATCH_CHUNK // max(1, P * D))
+    for start in range(0, len(X), step):
+        rows = patches(X[start:start + step], layer)
+        if fold_bias:
+            rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=torch.float64)], 1)
+        S += rows.T @ rows
+    return S, P
+
+
+def layer_hessian(X: torch.Tensor, fold_bias: bool = True, layer=None) -> np.ndarray:
+    """``H = (1/n) sum_p x_p x_p^T`` of a layer's inputs, float64.
+
+    For a MaskedConv2d ``layer`` the x_p are every patch of every image:
+    ``H = (1/(n P)) sum_p sum_t x_{p,t} x_{p,t}^T`` (see the module docstring).
+
+    Args:
+        X: (n, in) inputs of a linear layer, or (n, C, H, W) inputs of the conv ``layer``.
+        fold_bias: append a constant-1 column (the bias coordinate, last).
+        layer: the layer X feeds; only a MaskedConv2d changes anything.
+
+    Returns:
+        (D, D) array, D = in + 1 with the bias folded, else in (in*k*k for a conv layer).
     """
     n = max(len(X), 1)
     X = current().shard(X)[0]  # under torchrun: each rank's inputs, the sums summed across ranks
+    if isinstance(layer, MaskedConv2d):
+        S, P = conv_hessian_sum(X, layer, fold_bias)
+        if current().active:
+            S = current().all_reduce_sum([S.to(current().device())])[0].cpu()
+        return S.numpy() / (n * P)
     Xd = X.detach().to("cpu", torch.float64).flatten(1).numpy()
     if fold_bias:
         Xd = np.concatenate([Xd, np.ones((len(Xd), 1))], axis=1)
@@ -322,7 +383,7 @@ def layer_error(dW: np.ndarray, H: np.ndarray) -> float:
 
 # ---- applying it to a model --------------------------------------------------------------
 def layer_inputs(model, X: torch.Tensor) -> list[torch.Tensor]:
-    """Inputs of every linear layer on X (eval mode, no grad); the model's mode is restored."""
+    """Inputs of every weight layer on X (eval mode, no grad); the model's mode is restored."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -338,11 +399,14 @@ def kept_weights(numel: int, sparsity: float) -> int:
 
 def prune_layer(layer, X: torch.Tensor, sparsity: float, damping: float = 1e-4,
                 recompute_every: int = 0, fold_bias: bool = True) -> dict:
-    """L-OBS on one MaskedLinear in place: new weights (and bias), mask installed.
+    """L-OBS on one MaskedLinear or MaskedConv2d in place: new weights (and bias), mask installed.
+
+    A conv kernel is pruned as the (out, in*k*k) matrix ``weight.flatten(1)`` with the patch
+    Hessian of :func:`layer_hessian`.
 
     Args:
-        layer: the MaskedLinear.
-        X: (n, in) its inputs.
+        layer: the MaskedLinear or MaskedConv2d.
+        X: (n, in) its inputs ((n, C, H, W) for a conv layer).
         sparsity: the layer's target sparsity (exactly ``round(numel*(1-s))`` weights kept,
             or the live count if it is already smaller).
         damping: relative damping of H.
@@ -352,23 +416,23 @@ def prune_layer(layer, X: torch.Tensor, sparsity: float, damping: float = 1e-4,
     Returns:
         Plain statistics: removed count, predicted (sum of L) and actual layer error, refreshes.
     """
-    w = layer.weight.detach().to("cpu", torch.float64)
-    mask = layer.mask.detach().to("cpu") != 0
+    w = layer.weight.detach().to("cpu", torch.float64).flatten(1)
+    mask = layer.mask.detach().to("cpu").flatten(1) != 0
     if fold_bias:
         w = torch.cat([w, layer.bias.detach().to("cpu", torch.float64).unsqueeze(1)], 1)
         mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=torch.bool)], 1)
     W0, active = w.numpy(), mask.numpy()
-    H_raw = layer_hessian(X, fold_bias)
+    H_raw = layer_hessian(X, fold_bias, layer)
     numel = layer.weight.numel()
     n_prune = max(0, layer.active_connections() - kept_weights(numel, sparsity))
     k = recompute_every if recompute_every > 0 else max(1, int(round(0.01 * numel)))
     res = lobs_prune(W0, damp(H_raw, damping), active, n_prune, k, n_fixed=1 if fold_bias else 0)
-    d = layer.in_features
+    d = w.shape[1] - (1 if fold_bias else 0)
     with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(res.weight[:, :d]).to(layer.weight))
+        layer.weight.copy_(torch.from_numpy(res.weight[:, :d]).reshape(layer.weight.shape).to(layer.weight))
         if fold_bias:
             layer.bias.copy_(torch.from_numpy(res.weight[:, d]).to(layer.bias))
-    set_mask(layer, torch.from_numpy(res.active[:, :d]).to(layer.mask))
+    set_mask(layer, torch.from_numpy(res.active[:, :d]).reshape(layer.mask.shape).to(layer.mask))
     return {"removed": len(res.order), "kept": layer.active_connections(),
             "predicted_error": float(np.sum(res.losses)),
             "layer_error": layer_error(res.weight - W0, H_raw), "refreshes": res.refreshes,
@@ -378,9 +442,9 @@ def prune_layer(layer, X: torch.Tensor, sparsity: float, damping: float = 1e-4,
 @register_method("lobs", LobsConfig,
                  "Layer-wise OBS (Dong et al. 2017): per layer remove min w^2/(2[H^-1]qq) with "
                  "second-order compensation, then retrain")
-@mlp_only("its layer-wise Hessian is implemented for linear layers only")
 def run_lobs(ctx, mcfg: LobsConfig):
-    """L-OBS on the reference architecture; returns the pruned, retrained model."""
+    """L-OBS on the reference architecture (MLP, CNN or graph network); returns the pruned,
+    retrained model."""
     model = ctx.train_dense(mcfg.dense_epochs)
     X, _ = ctx.batch(mcfg.samples)
     inputs = layer_inputs(model, X)  # all Hessians from the dense model (layer independence)
