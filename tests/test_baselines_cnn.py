@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYER_WEIGHTS = [8 * 1 * 9, 16 * 8 * 9, 16 * 2 * 2 * 32, 32 * 10]  # 72, 1152, 2048, 320
 DENSE_WEIGHTS = 3592
 DENSE_FLOPS = 2 * (72 * 8 * 8 + 1152 * 4 * 4 + 2048 + 320)  # 2 x MACs = 50816
-UNSUPPORTED = ["sensitivity", "n2ps", "radix"]
+UNSUPPORTED = ["n2ps", "radix"]
 
 
 def test_hand_counts_match_the_spec():
@@ -212,6 +212,22 @@ def test_lobs_on_conv_layers_keeps_exact_counts_and_compensates(digits, tiny):
     assert [r["kept"] for r in rows] == [_keep(n, s) for n in LAYER_WEIGHTS] == _kept(model)
     for r in rows:
         assert 0 < r["layer_error"] <= r["predicted_error"] * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("variant", ["supervised", "unsupervised"])
+def test_sensitivity_on_conv_layers_thresholds_exactly_the_small_weights(digits, tiny, variant):
+    """Sensitivity-driven decay on tiny-cnn: the threshold prunes exactly the weights logged
+    below it (conv kernels included), pruned weights are zero, retraining revives none."""
+    model, report = _run("sensitivity", digits, tiny, epochs=1, final_epochs=1, lam=0.05, threshold=0.02,
+                         variant=variant)
+    ctx, mcfg = _ctx("sensitivity", digits, tiny, epochs=1, final_epochs=0, lam=0.05, threshold=0.02,
+                     variant=variant)
+    model = get_method("sensitivity").run(ctx, mcfg)
+    below, pruned = ctx.history[0]["below_threshold"], ctx.history[1]["pruned"]
+    assert 0 < below == pruned == DENSE_WEIGHTS - sum(_kept(model))
+    assert _kept(model)[0] < LAYER_WEIGHTS[0] or _kept(model)[1] < LAYER_WEIGHTS[1]  # a conv layer lost weights
+    for layer in model.layers:
+        assert torch.all(layer.mask == (layer.weight.detach().abs() >= 0.02).float())
 
 
 @pytest.mark.parametrize("method", UNSUPPORTED)

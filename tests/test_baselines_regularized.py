@@ -188,6 +188,56 @@ def test_sensitivity_equals_per_example_autograd(variant, widths, batch_norm):
         assert float(single) == pytest.approx(abs(float(g[0, 1])), rel=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["supervised", "unsupervised"])
+def test_conv_sensitivity_equals_per_example_autograd_on_tiny_cnn(digits, variant):
+    """tiny-cnn (conv 8@3x3 pad 1, conv 16@3x3 pad 1, fc, fc) with sparse kernels and a partial
+    area on conv2: every layer's S equals autograd one example and one class at a time."""
+    from nestsynth.api import resolve_reference
+
+    model = resolve_reference("tiny-cnn", digits).build(torch.Generator().manual_seed(12))
+    gen = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mask.copy_((torch.rand(layer.mask.shape, generator=gen) < 0.7).float())
+            layer.weight.mul_(layer.mask)
+        model.layers[1].area[:, 0, :] = 0  # conv2 computes no position of its first output row
+        model.layers[1].area[3] = 0  # nor any position of channel 3
+    X, y = digits.train.X[:6], digits.train.y[:6]
+    got = sensitivity(model, X, y, variant)
+    hand = _hand_sensitivity(model, X, y, variant)
+    assert got[0].shape == (8, 1, 3, 3) and float(got[1][3].abs().sum()) == 0.0
+    for s, h in zip(got, hand):
+        torch.testing.assert_close(s, h, atol=1e-8, rtol=1e-5)
+
+
+def test_conv_sensitivity_on_a_graph_with_strides_and_a_summed_output(monkeypatch):
+    """A graph network whose conv has stride 2 and whose output is the sum of two linear layers
+    (not its last layer's output): S equals per-example autograd of the network's output."""
+    from torch import nn
+    from nestsynth.baselines import regularized
+    from nestsynth.graph import SparseGraph
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Conv2d(3, 4, 2)
+            self.a, self.b = nn.Linear(64, 5), nn.Linear(64, 5)  # c2: 4 x 4 x 4
+
+        def forward(self, x):
+            h = torch.tanh(self.c2(torch.tanh(self.c1(x)))).flatten(1)
+            return self.a(h) + self.b(h)
+
+    monkeypatch.setattr(regularized, "CONV_CHUNK", 40)  # several chunks of examples
+    torch.manual_seed(0)
+    model = SparseGraph.from_module(Net(), (2, 9, 9))
+    assert not model.output_is_last_layer
+    gen = torch.Generator().manual_seed(14)
+    X, y = torch.randn(5, 2, 9, 9, generator=gen), torch.randint(5, (5,), generator=gen)
+    for variant in ("supervised", "unsupervised"):
+        for s, h in zip(sensitivity(model, X, y, variant), _hand_sensitivity(model, X, y, variant)):
+            torch.testing.assert_close(s, h, atol=1e-8, rtol=1e-5)
+
+
 def test_insensitivity_decay_equals_update_formula():
     model = sparse_model(density=0.6, seed=7)
     gen = torch.Generator().manual_seed(7)

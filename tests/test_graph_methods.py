@@ -85,8 +85,7 @@ NETS = {"resnet": (UserResNet, CNN_LAYERS), "resmlp": (UserResMLP, MLP_LAYERS)}
 CHAIN_ONLY = "chain references \\(an MLP or a sequential CNN\\)"
 # method -> the sentence pattern it refuses a net with (nets that are absent: it runs)
 REFUSED = {"n2ps": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY},
-           "radix": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY},
-           "sensitivity": {"resnet": "MLP references"}}
+           "radix": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY}}
 
 
 def expected_weights(method: str, layers: dict[str, int]) -> int | None:

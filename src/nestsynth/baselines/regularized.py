@@ -86,12 +86,20 @@ Neural Networks via Sensitivity-Driven Regularization" (NeurIPS 2018); seed 003.
     ``|w| < threshold`` are pruned (mask 0, weight 0); ``final_epochs`` of masked
     retraining follow.  The kept count is whatever the threshold leaves.
 
-    MLP references only: a conv weight's ``dy_k(x_n)/dw`` sums ``delta * x`` over the
-    output positions, so ``|.|`` does not factorise and S would need per-example
-    gradients; a CNN reference (or a graph network with conv layers, or whose output is
-    not its last layer's logits) is refused with a NestError before any work.  A graph
-    network of Linear layers (residual MLP) runs: ``model.trace`` gives every layer's
-    input and output, the last layer's output being the logits.
+    Conv layers (CNN and graph references): a conv weight's derivative sums over the
+    output positions t, ``dy_k(x_n)/dW = sum_t delta_k[n, :, t] x_{n,t}^T`` (x_{n,t} the
+    input patch of position t, ``F.unfold`` with the layer's stride and padding; delta
+    taken at the conv output, i.e. times the area mask, so positions a channel does not
+    compute contribute nothing), so ``|.|`` does not factorise: the per-example weight
+    gradient is formed exactly, one batched (out, P) @ (P, in*k*k) product per example
+    and class that counts, its absolute value summed over the examples (in chunks of
+    examples).  Cost per conv layer and class: B * out * P * in*k*k multiply-adds (P
+    output positions), about P times the linear formula's, and a transient (chunk, out,
+    in*k*k) tensor; the backward passes are the same as for an MLP.  Linear layers keep
+    the factorised matmul.  Every reference runs: ``model.trace`` gives every weight
+    layer's input and output; the class probabilities are the softmax of the network's
+    output (a graph network's, which need not be its last layer's; a chain's is its last
+    layer's output).
 
     Deviations: (1) the harness's ``after_step`` sees no batch, so S is estimated on
     a separate random minibatch of ``train.batch_size`` training examples each step,
@@ -99,7 +107,7 @@ Neural Networks via Sensitivity-Driven Regularization" (NeurIPS 2018); seed 003.
     the paper evaluates both at w^{t-1}, a difference of order lr * lam).  (2) S is
     computed in eval mode, so batch norm (if any) uses its running statistics and
     every example's derivative is its own.  (3) Only the weights of the linear
-    layers are decayed and thresholded (biases are never pruned here).  (4) The
+    and conv layers are decayed and thresholded (biases are never pruned here).  (4) The
     gradient step uses plain SGD with momentum ``train.momentum`` at learning rate
     ``sgd_lr`` (the paper's SGD; cosine-annealed by the harness) unless ``sgd_lr = 0``,
     which uses the run's ``[train]`` optimizer instead.  (5) The paper chooses the
@@ -131,8 +139,7 @@ from ..config import check
 from ..distributed import current
 from ..pruning import gates as G
 from ..pruning.gates import BETA, L0Gates, L0SizeControl, initial_log_alpha, keep_most_open, theta_scale
-from ..sparse import SparseMLP, set_mask
-from .context import mlp_only
+from ..sparse import MaskedConv2d, SparseMLP, set_mask
 from .magnitude import steps_per_epoch
 from .registry import register_method
 
@@ -242,38 +249,88 @@ def sensitivity(model: SparseMLP, X: torch.Tensor, y: torch.Tensor,
     """Per-weight sensitivity of the softmax output, averaged over the examples.
 
     ``S(w_ij) = (1/B) sum_n sum_k alpha_k |dy_k(x_n) / dw_ij|`` with alpha = one-hot of
-    ``y_n`` (supervised) or 1/C (unsupervised); computed in eval mode.
+    ``y_n`` (supervised) or 1/C (unsupervised); computed in eval mode.  Linear layers:
+    the factorised ``|delta| |x|`` matmul; conv layers: exact per-example gradients
+    (:func:`conv_abs_grad_sum`).
 
     Args:
-        model: the network (its weights are not changed).
+        model: the network (its weights are not changed): an MLP, CNN or graph network.
         X: (B, features) examples; y: (B,) their labels (used by "supervised").
         variant: "supervised" or "unsupervised".
 
     Returns:
-        One (out_i, in_i) tensor per layer, zero at masked positions.
+        One tensor per layer, of its weight's shape ((out_i, in_i) for a linear layer),
+        zero at masked positions.
     """
     was_training = model.training
     model.eval()
     n = len(X)
     X, y = current().shard(X, y)  # under torchrun: this rank's examples, the sums summed across ranks
+    layers = list(model.layers)
+    conv = [isinstance(layer, MaskedConv2d) for layer in layers]
     try:
         with torch.enable_grad():
-            inputs, outputs = model.trace(X)  # inputs[i]: (B, in_i), outputs[i]: (B, out_i)
-            probs = torch.softmax(outputs[-1], dim=1)  # (B, C)
+            inputs, outputs, logits = _trace_with_output(model, X)  # inputs[i]: (B, in_i), outputs[i]: (B, out_i)
+            probs = torch.softmax(logits, dim=1)  # (B, C)
             if variant == "supervised":
                 targets, alpha = [probs.gather(1, y.view(-1, 1)).sum()], 1.0
             else:
                 targets, alpha = [probs[:, k].sum() for k in range(probs.shape[1])], 1.0 / probs.shape[1]
-            acc = [torch.zeros_like(u) for u in outputs]  # sum_k alpha_k |delta_k|, (B, out_i)
+            # linear: sum_k alpha_k |delta_k|, (B, out_i); conv: sum_n sum_k alpha_k |dy_k(x_n)/dW|
+            acc = [torch.zeros_like(layer.weight) if c else torch.zeros_like(u)
+                   for layer, c, u in zip(layers, conv, outputs)]
             for k, target in enumerate(targets):
                 deltas = torch.autograd.grad(target, outputs, retain_graph=k + 1 < len(targets))
-                for a, d in zip(acc, deltas):
-                    a.add_(d.abs(), alpha=alpha)
+                for a, d, layer, x, c in zip(acc, deltas, layers, inputs, conv):
+                    if c:
+                        a.add_(conv_abs_grad_sum(layer, x.detach(), d), alpha=alpha)
+                    else:
+                        a.add_(d.abs(), alpha=alpha)
     finally:
         model.train(was_training)
     # |delta[n,i] * x[n,j]| = |delta[n,i]| * |x[n,j]|, so the mean over n is one matmul
-    sums = current().all_reduce_sum([a.T @ x.detach().abs() for a, x in zip(acc, inputs)])
-    return [s / n * layer.mask for s, layer in zip(sums, model.layers)]
+    sums = current().all_reduce_sum([a if c else a.T @ x.detach().abs() for a, x, c in zip(acc, inputs, conv)])
+    return [s / n * layer.mask for s, layer in zip(sums, layers)]
+
+
+def _trace_with_output(model, X: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """``model.trace(X)`` and the network's output: a graph network's forward (which its
+    trace runs) is caught by a hook; a chain's trace does not call its forward, and its
+    output is its last layer's."""
+    seen: list[torch.Tensor] = []
+    handle = model.register_forward_hook(lambda m, args, out: seen.append(out))
+    try:
+        inputs, outputs = model.trace(X)
+    finally:
+        handle.remove()
+    return inputs, outputs, seen[-1] if seen else outputs[-1]
+
+
+CONV_CHUNK = 1 << 22  # entries of the per-example gradients formed at once by conv_abs_grad_sum
+
+
+def conv_abs_grad_sum(layer: MaskedConv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``sum_n |dy(x_n)/dW|`` of one scalar per example for a conv layer, exactly.
+
+    Args:
+        layer: the MaskedConv2d (stride, padding, area mask).
+        x: (B, C, H, W) its inputs.
+        delta: (B, out, H', W') ``dy(x_n)/du`` at its output u = (conv + b) * area.
+
+    Returns:
+        (out, C, k, k): the absolute per-example weight gradients
+        ``sum_t delta[n, :, t] x_{n,t}^T`` (times the area), summed over the examples.
+    """
+    d = delta * layer.area if not bool(layer.area.all()) else delta
+    d = d.flatten(2)  # (B, out, P)
+    out, D = layer.weight.shape[0], layer.weight[0].numel()
+    total = torch.zeros(out, D, dtype=delta.dtype, device=delta.device)
+    step = max(1, CONV_CHUNK // max(1, out * D + d.shape[2] * D))
+    for start in range(0, len(x), step):
+        cols = torch.nn.functional.unfold(x[start:start + step], layer.kernel_size, padding=layer.padding,
+                                          stride=layer.stride)  # (b, D, P)
+        total += torch.bmm(d[start:start + step], cols.transpose(1, 2)).abs().sum(0)  # per example (out, D)
+    return total.view_as(layer.weight)
 
 
 @torch.no_grad()
@@ -320,7 +377,6 @@ def _sensitivity_optimizer(ctx, model, mcfg: SensitivityConfig):
 
 @register_method("sensitivity", SensitivityConfig,
                  "sensitivity-driven regularization, then thresholding (Tartaglione et al., 2018)")
-@mlp_only("its exact sensitivity |dy/dw| = |delta| |x| factorises for linear layers only")
 def run_sensitivity(ctx, mcfg: SensitivityConfig) -> SparseMLP:
     """Train with the insensitivity decay after every step, threshold, retrain.
 
