@@ -49,13 +49,13 @@ def mlp_only(reason: str) -> Callable:
     checks the same mark (:func:`check_supported`) before it creates the run directory.
 
     Args:
-        reason: why, completing the sentence (e.g. "its sensitivity factorises for
-            linear layers only").
+        reason: why, completing the sentence (e.g. "its neuron significance is defined
+            for fully connected neurons only").
 
     Example:
-        >>> @register_method("lobs", LobsConfig, "...")
-        ... @mlp_only("layer-wise OBS is implemented for linear layers")
-        ... def run_lobs(ctx, mcfg): ...
+        >>> @register_method("n2ps", N2psConfig, "...")
+        ... @mlp_only("its neuron significance is defined for fully connected neurons only")
+        ... def run_n2ps(ctx, mcfg): ...
     """
     return _mark("mlp_only", reason)
 
