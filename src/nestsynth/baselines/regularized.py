@@ -95,7 +95,10 @@ Neural Networks via Sensitivity-Driven Regularization" (NeurIPS 2018); seed 003.
     and class that counts, its absolute value summed over the examples (in chunks of
     examples).  Cost per conv layer and class: B * out * P * in*k*k multiply-adds (P
     output positions), about P times the linear formula's, and a transient (chunk, out,
-    in*k*k) tensor; the backward passes are the same as for an MLP.  Linear layers keep
+    in*k*k) tensor; the backward passes are the same as for an MLP (measured on LeNet-5,
+    64 examples, one thread of a busy machine: 0.10 s per step supervised, 0.48 s
+    unsupervised, against 0.05 s for the training step's forward and backward pass).
+    Linear layers keep
     the factorised matmul.  Every reference runs: ``model.trace`` gives every weight
     layer's input and output; the class probabilities are the softmax of the network's
     output (a graph network's, which need not be its last layer's; a chain's is its last
