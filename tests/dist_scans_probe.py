@@ -5,10 +5,17 @@ Each rank computes every score with the process group active (its part of the sa
 across ranks) and again alone on the whole sample (``distributed._CURRENT`` swapped for a
 single-process Dist), and prints ``OK name`` when they agree (float32 sums in another order:
 relative 1e-4) or ``BAD name ...``; the chosen units and weights of Policy 3 must be equal.
+
+``--examples N`` takes the first N training examples as the scan sample (301 by default: the
+ranks' parts differ by one); with fewer examples than ranks (1 for 2 ranks) the last ranks
+get empty parts and must still enter every collective, contributing zeros.  A collective
+waits at most ``--timeout`` seconds (60), so a rank that skips one fails the probe quickly
+instead of after the run's 300 s.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 
@@ -59,11 +66,16 @@ def check(name: str, fn) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--examples", type=int, default=301)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args()
     torch.set_num_threads(1)
+    distributed.TIMEOUT_S = args.timeout
     dist = distributed.init_from_env("cpu")
     assert dist.active
     data = load_dataset("digits", val_fraction=0.2, split_seed=0)
-    X, y = data.train.X[:301], data.train.y[:301]  # odd: the ranks' parts differ by one
+    X, y = data.train.X[:args.examples], data.train.y[:args.examples]  # 301, odd: the ranks' parts differ by one
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     mlp = SparseMLP([64, 32, 16, 10], generator=gen())
     cnn = resolve_reference("tiny-cnn", data).build(gen())
@@ -113,8 +125,10 @@ def main() -> None:
     check("mean_gradient", lambda: mean_gradient(mlp, X, y, 1.0, 100))
     check("hessian_gradient", lambda: hessian_gradient(mlp, X, y, 200.0, 0))
     check("layer_hessian", lambda: torch.from_numpy(layer_hessian(X.flatten(1))))
+    check("layer_hessian_conv", lambda: torch.from_numpy(layer_hessian(X, layer=cnn.layers[0])))
     check("mean_activations", lambda: mean_activations(mlp, X.flatten(1), 64))
     check("sensitivity", lambda: sensitivity(mlp, X, y))
+    check("sensitivity_cnn", lambda: sensitivity(cnn, X, y))
     distributed.shutdown()
 
 

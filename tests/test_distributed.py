@@ -114,6 +114,16 @@ def test_shard_splits_the_rows_without_overlap():
     assert parts == [[0, 1, 2], [3, 4, 5], [6, 7]]
 
 
+def test_an_empty_part_gets_a_stand_in_row():
+    x, y = torch.arange(1.0), torch.arange(1)
+    (xs, ys), stand_in = distributed.Dist(2, 0).shard_or_stand_in(x, y)
+    assert not stand_in and xs.tolist() == [0.0] and ys.tolist() == [0]
+    (xs, ys), stand_in = distributed.Dist(2, 1).shard_or_stand_in(x, y)  # 1 row for 2 ranks: rank 1 has none
+    assert stand_in and xs.tolist() == [0.0] and ys.tolist() == [0]
+    (xs,), stand_in = distributed.Dist(2, 1).shard_or_stand_in(x[:0])  # no rows anywhere: nothing to stand in
+    assert not stand_in and len(xs) == 0
+
+
 def test_augmenting_slices_equals_augmenting_the_batch():
     """A rank distorts only its rows of the global batch, with the draws of the whole batch, so
     the slices put together are the single-process batch and the generator stays in step."""
@@ -137,21 +147,34 @@ def test_augmenting_slices_equals_augmenting_the_batch():
 SCANS = ["gradient_scan", "gradient_scan_cnn", "dormant_topk_cached", "dormant_topk_uncached", "output_statistics", "evaluate", "area_scores",
          "feature_map_statistics", "grow_feature_maps_gradient", "grow_feature_maps_random", "group_bridging_gradient",
          "group_statistics", "grow_group_maps", "mean_gradient", "hessian_gradient", "layer_hessian",
-         "mean_activations", "sensitivity"]
+         "layer_hessian_conv", "mean_activations", "sensitivity", "sensitivity_cnn"]
+
+
+def _probe(*args: str) -> None:
+    """tests/dist_scans_probe.py on 2 ranks: every scan printed OK on both."""
+    import re
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_scans_probe.py"), *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = re.findall(r"(OK|BAD) (\w+) \(largest difference", r.stdout)
+    assert sorted(name for verdict, name in found if verdict == "OK") == sorted(SCANS * 2), r.stdout
 
 
 def test_every_sharded_scan_equals_the_whole_scan():
     """Oracle: on each of 2 ranks every score computed on the rank's part of the sample and
     summed across ranks equals (1e-4 relative) the score computed alone on the whole sample,
     and Policy 3 picks the same units (tests/dist_scans_probe.py)."""
-    import re
+    _probe()
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist_scans_probe.py")]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    found = re.findall(r"(OK|BAD) (\w+) \(largest difference", r.stdout)
-    assert sorted(name for verdict, name in found if verdict == "OK") == sorted(SCANS * 2), r.stdout
+
+def test_a_rank_with_no_examples_enters_every_collective():
+    """A scan sample of 1 example on 2 ranks: rank 1's part is empty, yet it runs every
+    collective rank 0 runs (with zeros of the same shapes), so every scan ends in seconds
+    with the single-process result; a rank that skipped one (feature-map and group
+    statistics once returned early) would fail the probe after its 20 s collective timeout."""
+    _probe("--examples", "1", "--timeout", "20")
 
 
 def test_nest_two_processes_match_one(tmp_path):

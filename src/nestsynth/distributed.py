@@ -25,7 +25,10 @@ How the ranks stay identical:
 * Scores that choose a mask and are computed on scan samples (dormant-connection and
   bridging gradients, neuron output statistics) are computed by each rank on its shard of
   the sample and summed across ranks before any top-k or threshold; evaluations sum the
-  error counts of each rank's shard of the validation or test split.
+  error counts of each rank's shard of the validation or test split.  A rank whose shard
+  is empty (a sample with fewer examples than ranks) still enters every collective the
+  others enter, with zeros of the same shapes (:meth:`Dist.shard_or_stand_in` where the
+  shapes come from a forward pass).
 * After every logged unit of work (a growth or pruning step of NeST, every logged row of a
   baseline) the ranks compare a SHA-256 of their masks and widths
   (:meth:`Dist.check_masks`); a mismatch stops every rank with one sentence
@@ -86,6 +89,19 @@ class Dist:
         if not self.active:
             return tensors
         return tuple(t[slice(*self.bounds(len(t)))] for t in tensors)
+
+    def shard_or_stand_in(self, *tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """(this rank's parts, stand_in): :meth:`shard`, except that a rank whose part is
+        empty while the tensors are not gets their first row instead, with ``stand_in``
+        True.  Such a rank runs the same passes on that row, so it learns the shapes of the
+        sums it accumulates (hidden outputs, group reads), then must zero those sums before
+        the collective: every rank enters the same collectives with tensors of the same
+        shape, and a rank without examples contributes zeros (a rank that returned early
+        instead would leave the others waiting in the collective until the timeout)."""
+        parts = self.shard(*tensors)
+        if parts and len(parts[0]) == 0 and len(tensors[0]) > 0:
+            return tuple(t[:1] for t in tensors), True
+        return parts, False
 
     def bounds(self, n: int) -> tuple[int, int]:
         """(first, end) of this rank's rows of ``n`` (as ``tensor_split``: the first ``n % N``

@@ -284,7 +284,9 @@ def _scan_cached(model, X, y, n, top, offsets, conv_ids, lin_ids, batch_size, bl
         for i in conv_ids:
             _push_conv(top, layers[i], conv_g.pop(i), offsets[i])
         for i in lin_ids:
-            x, d = torch.cat(xs.pop(i)), torch.cat(ds.pop(i))  # (N, in), (N, out)
+            layer, xi, di = layers[i], xs.pop(i), ds.pop(i)  # a rank with no examples: zero blocks, still summed
+            x = torch.cat(xi) if xi else layer.weight.new_zeros(0, layer.in_features)  # (N, in)
+            d = torch.cat(di) if di else layer.weight.new_zeros(0, layer.out_features)  # (N, out)
             for r0 in range(0, layers[i].out_features, block_rows):
                 g = d[:, r0:r0 + block_rows].T @ x  # (rows, in)
                 _push_linear_block(top, layers[i], g, r0, offsets[i])

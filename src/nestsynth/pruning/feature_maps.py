@@ -77,7 +77,7 @@ def feature_map_statistics(model, X: torch.Tensor, batch_size: int = 256) -> Fea
     was_training = model.training
     model.eval()
     n = max(len(X), 1)
-    X = current().shard(X)[0]  # under torchrun: this rank's images (at least one), sums summed below
+    (X,), stand_in = current().shard_or_stand_in(X)  # under torchrun: this rank's images, sums summed below
     abs_sums, sums = None, None
     for start in range(0, len(X), batch_size):
         hidden = model.layer_outputs(X[start:start + batch_size])[:-1]
@@ -89,8 +89,11 @@ def feature_map_statistics(model, X: torch.Tensor, batch_size: int = 256) -> Fea
             abs_sums[h] += a.abs().sum(0)
             sums[h] += a.sum(0)
     model.train(was_training)
-    if abs_sums is None:  # no data: zeros of the right shapes
+    if abs_sums is None:  # no data (on every rank: a rank with an empty part has a stand-in row)
         return FeatureMapStats(*([torch.zeros(l.out_features) for l in model.layers[:-1]] for _ in range(3)))
+    if stand_in:  # this rank has no images: the stand-in row gave the shapes, it adds zeros
+        for t in abs_sums + sums:
+            t.zero_()
     current().all_reduce_sum(abs_sums + sums)
     abs_maps = [t / n for t in abs_sums]
     mean_maps = [t / n for t in sums]

@@ -64,7 +64,7 @@ def group_statistics(model, X: torch.Tensor, batch_size: int = 256) -> dict[tupl
     groups = [g for g in model.groups() if g.resizable]
     sums: dict = {}
     n = max(len(X), 1)
-    X = distributed.current().shard(X)[0]  # under torchrun: this rank's part (at least one), summed below
+    (X,), stand_in = distributed.current().shard_or_stand_in(X)  # under torchrun: this rank's part, summed below
     was = model.training
     model.eval()
     try:
@@ -80,7 +80,11 @@ def group_statistics(model, X: torch.Tensor, batch_size: int = 256) -> dict[tupl
                     acc[k][1] = per_unit if acc[k][1] is None else acc[k][1] + per_unit
     finally:
         model.train(was)
-    distributed.current().all_reduce_sum([t for acc in sums.values() for pair in acc for t in pair])
+    flat = [t for acc in sums.values() for pair in acc for t in pair]
+    if stand_in:  # this rank has no examples: the stand-in row gave the shapes, it adds zeros
+        for t in flat:
+            t.zero_()
+    distributed.current().all_reduce_sum(flat)
     return {key: [ReadStats(m / n, a / n) for m, a in acc] for key, acc in sums.items()}
 
 
