@@ -61,6 +61,12 @@ def dense_flops(widths: Sequence[int]) -> int:
     return int(sum(layer_flops(a * b) for a, b in zip(widths[:-1], widths[1:])))
 
 
+def kernel_positions(layer: MaskedConv2d) -> torch.Tensor:
+    """(out,) output positions each kernel computes (its partial area, paper's Conv%): what
+    one inference spends on each of its active weights."""
+    return layer.area.detach().flatten(1).ne(0).sum(dim=1)
+
+
 def conv_macs(layer: MaskedConv2d) -> int:
     """MACs of one inference of a masked convolution, partial areas included.
 
@@ -72,7 +78,7 @@ def conv_macs(layer: MaskedConv2d) -> int:
     """
     w = layer.weight.detach() * layer.mask                           # (out, in, k, k)
     per_kernel = torch.count_nonzero(w.flatten(1), dim=1)            # (out,) active weights of kernel n
-    positions = layer.area.flatten(1).ne(0).sum(dim=1)               # (out,) positions kernel n computes
+    positions = kernel_positions(layer)                              # (out,) positions kernel n computes
     return int((per_kernel.long() * positions.long()).sum())
 
 

@@ -141,32 +141,36 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
         idx = idx.to(X.device)
         if dist.active:
             loss = _shared_step(model, X, y, idx, optimizer, augment, penalty, dist)
-            if after_step is not None:
-                after_step()
-            total += loss * len(idx)
-            count += len(idx)
-            if progress is not None:
-                progress(len(idx))
-            continue
-        xb, yb = X[idx], y[idx]
-        if augment is not None:
-            xb = augment(xb)
-        loss = F.cross_entropy(model(xb), yb)
-        full = loss + penalty() if penalty is not None else loss
-        if not torch.isfinite(full):
-            raise NonFiniteLoss(f"training loss became {full.item()}")
-        optimizer.zero_grad(set_to_none=True)
-        full.backward()
-        optimizer.step()
+        else:
+            loss = _local_step(model, X[idx], y[idx], optimizer, augment, penalty)
         if after_step is not None:
             after_step()
-        total += loss.item() * len(idx)
+        total += loss * len(idx)
         count += len(idx)
         if progress is not None:
             progress(len(idx))
     if dist.active:
         dist.average_norm_statistics(model)
     return total / max(count, 1)
+
+
+def _local_step(model, xb: torch.Tensor, yb: torch.Tensor, optimizer, augment: Callable | None, penalty) -> float:
+    """One optimizer step of one process on the batch (xb, yb); returns its mean loss
+    (without the penalty).
+
+    Raises:
+        NonFiniteLoss: the loss (with the penalty) is NaN or infinite.
+    """
+    if augment is not None:
+        xb = augment(xb)
+    loss = F.cross_entropy(model(xb), yb)
+    full = loss + penalty() if penalty is not None else loss
+    if not torch.isfinite(full):
+        raise NonFiniteLoss(f"training loss became {full.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    full.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def _shared_step(model, X: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, optimizer,

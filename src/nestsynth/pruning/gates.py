@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..metrics import FLOPS_PER_MAC, kernel_positions
 from ..sparse import SparseMLP, set_mask
 from .magnitude import prune_smallest_global
-from ..metrics import FLOPS_PER_MAC
 from .schedules import cubic_count
 
 # Defaults of the gated training (the ``l0`` baseline's [methods.l0] and NeST's
@@ -197,13 +197,12 @@ class L0SizeControl:
 def macs_per_weight(layer) -> torch.Tensor:
     """Multiply-accumulates one inference spends on each weight of ``layer`` (its weight
     shape): a convolution weight of kernel n costs the output positions kernel n computes
-    (its partial area), any other weight 1 (the convention of :func:`nestsynth.metrics.conv_macs`)."""
+    (its partial area, :func:`nestsynth.metrics.kernel_positions`), any other weight 1 (the
+    convention of :func:`nestsynth.metrics.conv_macs`)."""
     w = layer.weight.detach()
-    area = getattr(layer, "area", None)
-    if w.dim() != 4 or area is None:
+    if w.dim() != 4 or getattr(layer, "area", None) is None:
         return torch.ones_like(w)
-    positions = area.detach().flatten(1).ne(0).sum(1).to(w.dtype)  # (out,)
-    return positions.view(-1, 1, 1, 1).expand_as(w).clone()
+    return kernel_positions(layer).to(w.dtype).view(-1, 1, 1, 1).expand_as(w).clone()
 
 
 class FlopsControl:
@@ -256,29 +255,36 @@ class FlopsControl:
         self.apply()
 
     @torch.no_grad()
-    def apply(self) -> None:
+    def _open(self) -> list[torch.Tensor]:
+        """P(z_j != 0) of every live weight (0 where dormant), per layer."""
+        return [prob_nonzero(self.gates.log_alpha(i), self.gates.beta) * layer.mask
+                for i, layer in enumerate(self.gates.model.layers)]
+
+    @torch.no_grad()
+    def apply(self, p: list[torch.Tensor] | None = None) -> None:
         """Set the gates' relative prices from the current ``mu``, normalized so that their
-        mean over the expected open gates is 1: the price moves pressure from weights that
-        cost many FLOPs to cheap ones without changing the penalty of the current network
-        (the size controller's lam keeps its meaning)."""
+        mean over the expected open gates (``p``: :meth:`_open`, computed when not given) is
+        1: the price moves pressure from weights that cost many FLOPs to cheap ones without
+        changing the penalty of the current network (the size controller's lam keeps its
+        meaning)."""
+        p = self._open() if p is None else p
         raw = [1.0 + (self.mu / self.scale) * m for m in self.macs]
-        p = [prob_nonzero(self.gates.log_alpha(i), self.gates.beta) * layer.mask
-             for i, layer in enumerate(self.gates.model.layers)]
         mean = sum(float((pi * r).sum()) for pi, r in zip(p, raw)) / max(sum(float(pi.sum()) for pi in p), 1e-12)
         self.gates.cost = [r / max(mean, 1e-12) for r in raw]
 
     @torch.no_grad()
-    def expected_flops(self) -> float:
-        """``2 * sum_j P(z_j != 0) * m_j`` over the live weights."""
-        return FLOPS_PER_MAC * sum(float((prob_nonzero(self.gates.log_alpha(i), self.gates.beta) * layer.mask * m).sum())
-                                   for i, (layer, m) in enumerate(zip(self.gates.model.layers, self.macs)))
+    def expected_flops(self, p: list[torch.Tensor] | None = None) -> float:
+        """``2 * sum_j P(z_j != 0) * m_j`` over the live weights (``p`` as in :meth:`apply`)."""
+        p = self._open() if p is None else p
+        return FLOPS_PER_MAC * sum(float((pi * m).sum()) for pi, m in zip(p, self.macs))
 
     def __call__(self) -> None:
-        ratio = self.expected_flops() / self.goal(self.step)
+        p = self._open()  # one pass over the gates per optimizer step, for both uses
+        ratio = self.expected_flops(p) / self.goal(self.step)
         self.mu *= math.exp(self.gain * min(max(ratio - 1.0, -1.0), 1.0))
         self.mu = min(max(self.mu, 1e-9), 1e9)
         self.step += 1
-        self.apply()
+        self.apply(p)
 
     def state(self) -> dict:
         """What a resumed phase passes back to the constructor."""
