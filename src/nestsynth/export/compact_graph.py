@@ -18,9 +18,18 @@ expansion):
 
 A group whose units are all dead keeps one (a layer needs an output).  The masked layers
 then become plain ``nn.Linear`` / ``nn.Conv2d`` with weight ``W * M`` (a convolution with a
-partial area mask stays a masked one, whose forward applies it); batch norm is kept as
-it is (a batch norm of a residual sum cannot be folded into one layer).  Every layer is
-stored dense: CSR is for the MLP and sequential-CNN exports.
+partial area mask stays a masked one, whose forward applies it).  Every layer is stored
+dense: CSR is for the MLP and sequential-CNN exports.
+
+Batch norm is folded, as the chain exports fold it (always; there is no option to keep
+it): :func:`fold_batch_norms` folds a batch norm (eval statistics) into the plain Linear /
+Conv2d whose output it reads directly when that output has no other reader,
+``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per
+unit (in float64), and removes the batch norm from the graph.  Where folding would not
+be exact the batch norm is kept as it is: it reads a residual sum, a concatenation or
+anything after an activation or pooling; the layer's output has another reader as
+well; the layer keeps a partial area mask (positions it zeroes would get the batch
+norm's shift); or the batch norm has no running statistics.
 
 :class:`CompactGraph` is described by plain data (:meth:`CompactGraph.arch`: the
 :func:`nestsynth.graph.describe` of the module, ``kind: "graph"``) plus its state dict, so
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 
 import torch
 from torch import fx, nn
@@ -182,6 +192,59 @@ def _plain_layer(layer: nn.Module) -> nn.Module:
     return new.to(w.device).eval()
 
 
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@torch.no_grad()
+def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold ``bn``'s eval-mode affine map into ``layer``'s weight and bias (in place, float64 math)."""
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    layer.weight.copy_(w * scale.view(-1, *([1] * (w.dim() - 1))))
+    layer.bias.copy_(b * scale + shift)
+
+
+@torch.no_grad()
+def fold_batch_norms(net: fx.GraphModule, layer_names) -> tuple[dict[str, str], list[str]]:
+    """Fold every batch norm that can be folded exactly into the weight layer before it (module docstring).
+
+    Args:
+        net: the GraphModule with plain layers (changed in place: folded layers get new
+            weights and biases, folded batch norms leave the graph and the module).
+        layer_names: module paths of its weight layers.
+
+    Returns:
+        (folded, kept): the batch norms folded (module path -> the layer it was folded
+        into) and the module paths of those kept, in graph order.
+    """
+    layers = set(layer_names)
+    calls = Counter(n.target for n in net.graph.nodes if n.op == "call_module")
+    folded, kept = {}, []
+    for node in list(net.graph.nodes):
+        if node.op != "call_module" or not isinstance(net.get_submodule(node.target), _NORM_TYPES):
+            continue
+        bn, src = net.get_submodule(node.target), node.args[0] if len(node.args) == 1 else None
+        layer = net.get_submodule(src.target) if (isinstance(src, fx.Node) and src.op == "call_module"
+                                                  and src.target in layers) else None
+        if (layer is None or type(layer) not in (nn.Linear, nn.Conv2d) or node.kwargs or len(src.users) != 1
+                or calls[node.target] != 1 or calls[src.target] != 1 or bn.running_var is None):
+            kept.append(node.target)
+            continue
+        _fold_into(layer, bn)
+        node.replace_all_uses_with(src)
+        net.graph.erase_node(node)
+        net.delete_submodule(node.target)
+        folded[node.target] = src.target
+    if folded:
+        net.recompile()
+    return folded, kept
+
+
 @torch.no_grad()
 def compact_graph_from_sparse(model: SparseGraph, storage: str = "auto", batch_size: int = 1,
                               meta: dict | None = None) -> tuple[CompactGraph, dict]:
@@ -196,7 +259,8 @@ def compact_graph_from_sparse(model: SparseGraph, storage: str = "auto", batch_s
     Returns:
         (compact model in eval mode, info) with the widths before and after, the units
         removed per weight layer and one record per layer, in the layout of
-        :func:`nestsynth.export.compact.compact_from_sparse`'s info.
+        :func:`nestsynth.export.compact.compact_from_sparse`'s info, plus ``batch_norm``:
+        the batch norms ``folded`` (module path -> its layer) and ``kept`` (module paths).
 
     Raises:
         NestError: ``storage`` ``"csr"`` or ``"ckernel"``.
@@ -222,6 +286,7 @@ def compact_graph_from_sparse(model: SparseGraph, storage: str = "auto", batch_s
     for name in names:
         net.set_submodule(name, _plain_layer(net.get_submodule(name)))
     net.__dict__.pop("nest_graph", None)  # described the masked layers
+    folded, kept = fold_batch_norms(net, names)
     compact = CompactGraph(net, work.input_shape, names, {**dict(meta or {}), "storage_mode": storage,
                                                             "batch_size": int(batch_size)}).eval()
     before, after = model.widths, compact.widths
@@ -232,11 +297,13 @@ def compact_graph_from_sparse(model: SparseGraph, storage: str = "auto", batch_s
                           "density": nnz / max(1, w.numel()), "storage": "dense",
                           "reason": "graph networks are stored dense"
                           + ("; partial area mask kept" if isinstance(net.get_submodule(name), GraphMaskedConv2d)
-                             else "")})
+                             else "") + "".join(f"; batch norm {bn} folded in" for bn, layer in folded.items()
+                                                if layer == name)})
     info = {"widths_masked": list(before), "widths_compact": list(after), "inputs_read": int(before[0]),
             "inputs": int(before[0]), "input_gather": False,
             "removed_neurons": {"constant_folded": [0] * len(names), "dead": [a - b for a, b in zip(before[1:],
                                                                                                after[1:])]},
             "nnz_masked": int(model.active_weights()), "nnz_compact": compact.nnz(), "storage_mode": storage,
-            "batch_size": int(batch_size), "layers": decisions}
+            "batch_size": int(batch_size), "layers": decisions,
+            "batch_norm": {"folded": folded, "kept": kept}}
     return compact, info

@@ -376,6 +376,11 @@ def format_export(result: dict) -> str:
             f"conv{i + 1}" for i, a in enumerate(result["area_masks"]) if a) or "no conv layer") +
             "; offset maps (folded constants / BN of masked positions) on " + (", ".join(
                 f"conv{i + 1}" for i, o in enumerate(result["offset_maps"]) if o) or "no conv layer"))
+    norms = result.get("batch_norm")  # a graph export
+    if norms and (norms["folded"] or norms["kept"]):
+        lines.append(f"batch norm folded into the layer before it: {', '.join(norms['folded']) or 'none'}"
+                     + (f"; kept (folding would not be exact): {', '.join(norms['kept'])}" if norms["kept"]
+                        else ""))
     what = "test set" if result["check_inputs"] == "test" else "random inputs"
     lines.append(f"check on {result['check_samples']} {what}: max |compact - masked| = "
                  f"{result['max_abs_diff']:.3g}" +
