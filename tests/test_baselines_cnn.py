@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYER_WEIGHTS = [8 * 1 * 9, 16 * 8 * 9, 16 * 2 * 2 * 32, 32 * 10]  # 72, 1152, 2048, 320
 DENSE_WEIGHTS = 3592
 DENSE_FLOPS = 2 * (72 * 8 * 8 + 1152 * 4 * 4 + 2048 + 320)  # 2 x MACs = 50816
-UNSUPPORTED = ["n2ps", "radix"]
+UNSUPPORTED = ["radix"]  # n2ps prunes feature maps too (tests/test_n2ps_graph.py)
 
 
 def test_hand_counts_match_the_spec():
@@ -243,9 +243,9 @@ def test_mlp_only_methods_refuse_a_cnn_before_any_work(digits, tiny, tmp_path, m
 
 
 def test_cli_prune_refuses_an_mlp_only_method_in_one_line(tmp_path):
-    rc, _, err = _call(["prune", "--method", "n2ps", "--model", "tiny-cnn", "--dataset", "digits",
+    rc, _, err = _call(["prune", "--method", "radix", "--model", "tiny-cnn", "--dataset", "digits",
                         "--out", tmp_path / "r", "--quiet", "--device", "cpu"])
-    assert rc == 2 and "method n2ps supports MLP references only" in _one_error_line(err)
+    assert rc == 2 and "method radix supports MLP references only" in _one_error_line(err)
     assert not (tmp_path / "r").exists()
 
 

@@ -9,7 +9,7 @@
   plain chains stay SparseMLP / SparseCNN, a Sequential with batch norm on some layers
   only and any other module become graph references, unsupported operations are
   refused with capture's sentence;
-* the command line: ``nestsynth prune --model resnet-mnist``, report, export, models;
+* the command line: ``nestsynth prune --model resnet-mnist``, report, export, compress, models;
 * export of a graph run: dead units physically removed (hand-built cases), the
   artifacts (PyTorch weights-only, safetensors, ONNX) checked against the masked model.
 """
@@ -84,8 +84,7 @@ MLP_LAYERS = {"fc_in": 1_536, "fc1": 576, "fc2": 576, "out": 240}
 NETS = {"resnet": (UserResNet, CNN_LAYERS), "resmlp": (UserResMLP, MLP_LAYERS)}
 CHAIN_ONLY = "chain references \\(an MLP or a sequential CNN\\)"
 # method -> the sentence pattern it refuses a net with (nets that are absent: it runs)
-REFUSED = {"n2ps": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY},
-           "radix": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY}}
+REFUSED = {"radix": {"resnet": CHAIN_ONLY, "resmlp": CHAIN_ONLY}}
 
 
 def expected_weights(method: str, layers: dict[str, int]) -> int | None:
@@ -244,13 +243,14 @@ def test_cli_prune_report_export_and_models_with_resnet_mnist(tmp_path):
     assert rc == 0 and "check on 360 test set" in out, err
     rc, out, _ = call(["evaluate", run / "export" / "compact.onnx", "--json"])
     assert rc == 0 and json.loads(out)["test_error"] == pytest.approx(report["test_error"])
-    rc, _, err = call(["compress", run])
-    assert rc == 2 and "compress supports MLP and sequential CNN runs only" in one_error_line(err)
+    rc, out, err = call(["compress", run, "--bits", "3", "--finetune-epochs", "0", "--json"])
+    assert rc == 0, err
+    assert [layer["name"] for layer in json.loads(out)["layers"]][5] == "layer2.0.shortcut.0"
     rc, out, _ = call(["models"])
     assert rc == 0 and any(line.startswith("resnet20 ") and "270,896" in line for line in out.splitlines())
-    rc, _, err = call(["prune", "--method", "n2ps", "--model", "resnet-mnist", "--dataset", "digits",
+    rc, _, err = call(["prune", "--method", "radix", "--model", "resnet-mnist", "--dataset", "digits",
                        "--out", tmp_path / "r2", "--quiet", "--device", "cpu"])
-    assert rc == 2 and "method n2ps supports chain references" in one_error_line(err)
+    assert rc == 2 and "method radix supports chain references" in one_error_line(err)
     assert not (tmp_path / "r2").exists()
 
 

@@ -514,10 +514,6 @@ def cmd_sweep(args) -> int:
 def cmd_compress(args) -> int:
     from .compress.pipeline import compress_run
 
-    model_file = ckpt.model_path(Path(args.run_dir))
-    if model_file.is_file() and (ckpt.safe_load(model_file).get("arch") or {}).get("kind") == "graph":
-        raise NestError("nestsynth compress supports MLP and sequential CNN runs only; its storage count follows "
-                        "a chain of layers (export a graph run with nestsynth export).")
     result = compress_run(Path(args.run_dir), bits=args.bits, index_bits=args.index_bits,
                           finetune_epochs=args.finetune_epochs, data_dir=args.data_dir, conv_bits=args.conv_bits)
     if args.json:

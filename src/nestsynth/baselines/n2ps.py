@@ -1,4 +1,5 @@
-"""Neural Network Pruning by Significance, ``n2ps`` (Augasta & Kathirvalavakumar 2011; seed 004).
+"""Neural Network Pruning by Significance, ``n2ps`` (Augasta & Kathirvalavakumar 2011; seed 004),
+on MLP, CNN and graph references.
 
 Seed 004 summarises N2PS as: "the significance of each neuron ... is calculated by
 getting the normalized average value of neurons for each layer, followed by comparing
@@ -59,10 +60,58 @@ value of the node and all the weights of its outgoing connections", threshold fr
 the layer's significances) and the seed's "normalized average value" (read as the
 pattern-averaged activation, compared with the layer's average significance).
 
-MLP references only (a CNN reference is refused with a NestError before any work): the
-significance is defined for fully connected neurons, not for feature maps.  Chains only
-(a graph reference is refused the same way): a neuron of hidden layer h is removed with
-its column of layer h + 1, the only layer that reads it in a chain.
+CNN and graph references.  The paper defines the significance for the hidden neurons of
+a fully connected chain; here it is generalised to every *unit* that can be removed as a
+whole, keeping the paper's form "sum, over the unit's outgoing connections, of
+sigma(activation value x weight)":
+
+* Units: a chain's hidden layer h (SparseMLP, SparseCNN: neurons of hidden linear
+  layers, output channels / feature maps of conv layers), or a resizable coupled group of
+  a graph network (:meth:`nestsynth.graph.SparseGraph.groups`: the layers whose outputs
+  are added into one stream of units; the output stream and a stream summed with the
+  network input are fixed by the data and never pruned).  See :func:`streams`.
+* Outgoing connections of unit c: every weight that reads it (the *reads* of
+  :mod:`nestsynth.graph.units`): a Linear reader's column(s) of c (one column per
+  neuron; all ``H*W`` flattened columns of a channel read through a flatten); a conv
+  reader's input channel c at every output channel and every kernel position
+  (``out x k x k`` weights).  A chain's hidden layer h is read by layer h + 1 only; a
+  graph group may be read by several consumers (every block of a residual stage and its
+  down-sampling shortcut), and a consumer that reads the stream twice counts twice.
+  Only live (unmasked) weights count.
+* Activation value per connection: the mean, over the ``samples`` patterns, of the
+  input value the weight multiplies, taken where the reader reads it (after batch norm,
+  activation, pooling, residual sums: the reader's input in the model's ``trace``).  For a
+  Linear column this is the pattern mean of that input feature (an MLP neuron: the
+  paper's ``a_j``; a flattened channel: one value per spatial position); for conv
+  kernel entry (c, u, v) it is also averaged over the conv's output positions, i.e.
+  the mean of the zero-padded input at the positions that kernel entry visits
+  (``unfold`` of the mean input map, :func:`mean_activations`).  So the term of one
+  connection is ``sigma(a w)`` with ``a`` what that very weight sees on average, which
+  is exactly the paper's ``sigma(a_j w_kj)`` for an MLP.
+* Significance of unit c: ``S_c = sum`` of those terms over all of c's connections, at
+  all reads of its stream (:func:`significance`).  A coupled unit is one stream value
+  read by every consumer, so each read counts once; summing a per-member significance
+  over the group's members instead would count every read once per member, i.e. scale
+  every unit of the group by the same factor, which selects exactly the same units
+  against the group's own average.
+* Threshold: the stream's average significance (the paper's per-layer average; for a
+  group, the average over the group's units), ``threshold_scale`` and ``min_neurons``
+  as for an MLP.  The insignificant units are removed from every member, batch norm
+  and reader at once (:func:`remove_stream_units`: ``keep_units`` on a chain,
+  :meth:`~nestsynth.graph.SparseGraph.remove_units` on a graph group), again without
+  compensation, and the network is retrained.
+
+Departures from the paper on these references (beyond the MLP ones above): the paper
+has no feature maps, so the per-kernel-position activation value (averaged over output
+positions, zero padding included) and the sum over ``out x k x k`` kernel weights are
+this module's generalisation; with the sigmoid measure each live connection scores
+about 0.5 whatever its size, so a channel read by a conv (``k*k`` connections per output
+channel) or through a flatten (``H*W`` per output neuron) is measured mostly by its
+number of live connections, as an MLP neuron is by its fan-out.  A conv's area mask
+(partial-area convolution, only in NeST seeds; N2PS starts from the dense network) is
+not taken into account.  Graph groups that are the network output or are summed with
+the input are never pruned; the weight count after pruning is whatever the surviving
+widths give, not ``sum_l n_l * n_{l+1}`` on a graph.
 """
 
 from __future__ import annotations
@@ -71,11 +120,15 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..config import check
 from ..distributed import current
-from ..sparse import keep_units
-from .context import chain_only, mlp_only
+from ..graph import SparseGraph
+from ..graph.ir import Group, Slice
+from ..graph.units import current as current_group
+from ..graph.units import group_reads, member_indices
+from ..sparse import MaskedConv2d, keep_units
 from .registry import register_method
 
 MEASURES = ("sigmoid", "abs")
@@ -88,11 +141,11 @@ class N2psConfig:
     dense_epochs: int = 20  # training of the dense network before pruning
     iterations: int = 1  # pruning rounds at most (each followed by retraining)
     retrain_epochs: int = 10  # retraining after each round
-    threshold_scale: float = 1.0  # threshold = scale * mean significance of the layer (paper: 1)
+    threshold_scale: float = 1.0  # threshold = scale * mean significance of the layer/group (paper: 1)
     measure: str = "sigmoid"  # "sigmoid": sum_k sigma(a_j w_kj) (paper); "abs": sum_k |a_j w_kj|
     samples: int = 0  # training patterns for the activation values (<= 0: all)
     tolerance: float = 1.0  # undo a round whose val error exceeds the dense one by more (>= 1: off)
-    min_neurons: int = 1  # neurons always kept per hidden layer
+    min_neurons: int = 1  # units always kept per hidden layer (coupled group of a graph)
 
     def validate(self, prefix: str) -> None:
         """Range-check every field (``NestError`` on the first failure)."""
@@ -106,50 +159,111 @@ class N2psConfig:
         check(self.min_neurons >= 1, f"{prefix}.min_neurons", self.min_neurons, ">= 1")
 
 
+@dataclass(frozen=True)
+class Stream:
+    """Units that are pruned together: hidden layer h of a chain, or a resizable coupled group
+    of a graph network.
+
+    Attributes:
+        members: indices (in ``model.layers``) of the layers whose output rows are the units.
+        reads: (consumer layer index, input :class:`~nestsynth.graph.ir.Slice`) for every
+            read of the units: a chain's hidden layer h has one, layer h + 1 (expansion
+            ``flat_size`` when it is the linear layer after the last conv stage).
+        group: the graph group (None for a chain's hidden layer ``members[0]``).
+    """
+
+    members: tuple[int, ...]
+    reads: tuple[tuple[int, Slice], ...]
+    group: Group | None = None
+
+
+def streams(model) -> list[Stream]:
+    """The prunable unit streams of ``model``, in layer (graph) order.
+
+    A SparseMLP / SparseCNN: one per hidden layer.  A SparseGraph: one per resizable group
+    (:meth:`~nestsynth.graph.SparseGraph.groups`; the output stream and a stream summed
+    with the network input are fixed by the data).
+    """
+    if isinstance(model, SparseGraph):
+        return [Stream(tuple(member_indices(model, g)), tuple(group_reads(model, g)), g)
+                for g in model.groups() if g.resizable]
+    layers, out = model.layers, []
+    for h in range(len(layers) - 1):
+        flat = isinstance(layers[h], MaskedConv2d) and not isinstance(layers[h + 1], MaskedConv2d)
+        read = Slice(f"layers.{h + 1}", (f"layers.{h}",), 0, layers[h].out_features, model.flat_size if flat else 1)
+        out.append(Stream((h,), ((h + 1, read),)))
+    return out
+
+
+def _conv_connection_means(layer: MaskedConv2d, mean_map: torch.Tensor) -> torch.Tensor:
+    """(units, k, k): the mean input that kernel entry (c, u, v) multiplies, over the output
+    positions (zero padding included), from the reader's mean input map (units, H, W)."""
+    k = layer.kernel_size
+    cols = F.unfold(mean_map.unsqueeze(0), k, padding=layer.padding, stride=layer.stride)  # (1, units*k*k, L)
+    return cols.mean(2).view(len(mean_map), k, k)
+
+
 def mean_activations(model, X: torch.Tensor, chunk: int = 4096) -> list[torch.Tensor]:
-    """Average output of every hidden neuron over the patterns X (eval mode).
+    """Activation values a: the mean input that every weight reading a unit multiplies (eval mode).
 
     Args:
-        model: a SparseMLP (mode restored afterwards).
-        X: (P, in) patterns.
+        model: a SparseMLP, SparseCNN or SparseGraph (mode restored afterwards).
+        X: (P, ...) patterns.
         chunk: patterns per forward pass.
 
     Returns:
-        One float64 (n_h,) tensor per hidden layer: ``(1/P) sum_p f_j(x_p)``.
+        One float64 tensor per read of every :func:`streams` entry (stream order, then read
+        order), in the shape of the weights that read the units: ``(units * expansion,)``
+        for a Linear reader (``(1/P) sum_p`` of its input column; an MLP's hidden layer h:
+        ``(1/P) sum_p f_j(x_p)`` per neuron), ``(units, k, k)`` for a conv reader (the
+        input of kernel entry (c, u, v) averaged over the patterns and the output positions).
     """
     was_training = model.training
     model.eval()
     n = max(len(X), 1)
-    X = current().shard(X)[0]  # under torchrun: this rank's patterns, the sums summed across ranks
-    sums = [torch.zeros(w, dtype=torch.float64, device=X.device) for w in model.widths[1:-1]]
+    reads = [r for st in streams(model) for r in st.reads]
+    (X,), stand_in = current().shard_or_stand_in(X)  # under torchrun: this rank's patterns, summed below
+    sums: list[torch.Tensor | None] = [None] * len(reads)
     with torch.no_grad():
         for start in range(0, len(X), chunk):
             inputs, _ = model.trace(X[start:start + chunk])
-            for s, a in zip(sums, inputs[1:]):  # inputs[h + 1] = output of hidden layer h
-                s += a.double().sum(0)
+            for r, (i, s) in enumerate(reads):
+                x = inputs[i].index_select(1, s.indices().to(inputs[i].device)).double().sum(0)
+                sums[r] = x if sums[r] is None else sums[r] + x
     model.train(was_training)
-    return [s / n for s in current().all_reduce_sum(sums)]
+    if stand_in:  # this rank has no patterns: the stand-in row gave the shapes, it adds zeros
+        for t in sums:
+            t.zero_()
+    means = [t / n for t in current().all_reduce_sum(sums)]
+    return [_conv_connection_means(model.layers[i], m) if isinstance(model.layers[i], MaskedConv2d) else m
+            for (i, _), m in zip(reads, means)]
 
 
 def significance(model, means: list[torch.Tensor], measure: str = "sigmoid") -> list[torch.Tensor]:
-    """N2PS significance of every hidden neuron.
+    """N2PS significance of every unit of every :func:`streams` entry.
 
     Args:
-        model: a SparseMLP.
+        model: a SparseMLP, SparseCNN or SparseGraph.
         means: :func:`mean_activations` of the model.
-        measure: ``"sigmoid"``: ``S_j = sum_k sigma(a_j w_kj)`` (the paper);
-            ``"abs"``: ``S_j = sum_k |a_j w_kj|``; sums over live outgoing connections.
+        measure: ``"sigmoid"``: ``S_j = sum sigma(a w)`` (the paper);
+            ``"abs"``: ``S_j = sum |a w|``; sums over the live weights that read unit j
+            (every read of its stream), ``a`` the mean input that weight multiplies.
 
     Returns:
-        One float64 (n_h,) tensor per hidden layer.
+        One float64 (units,) tensor per stream (an MLP: per hidden layer).
     """
-    out = []
-    for h, a in enumerate(means):
-        nxt = model.layers[h + 1]
-        live = nxt.mask.detach() != 0  # (n_{h+1}, n_h)
-        z = nxt.weight.detach().double() * a.to(nxt.weight.device).unsqueeze(0)  # a_j w_kj
-        term = torch.sigmoid(z) if measure == "sigmoid" else z.abs()
-        out.append(torch.where(live, term, torch.zeros_like(term)).sum(0))
+    out, flat = [], iter(means)
+    for st in streams(model):
+        total = torch.zeros(model.layers[st.members[0]].out_features, dtype=torch.float64)
+        for i, s in st.reads:
+            layer = model.layers[i]
+            idx = s.indices().to(layer.weight.device)
+            w = layer.weight.detach().index_select(1, idx).double()  # (out, units*exp) or (out, units, k, k)
+            live = layer.mask.index_select(1, idx) != 0
+            z = w * next(flat).to(w.device).unsqueeze(0)  # a w, per connection
+            term = torch.where(live, torch.sigmoid(z) if measure == "sigmoid" else z.abs(), torch.zeros_like(z))
+            total += term.transpose(0, 1).reshape(s.units, -1).sum(1).cpu()  # unit-major columns
+        out.append(total)
     return out
 
 
@@ -171,29 +285,46 @@ def insignificant(sig: torch.Tensor, threshold_scale: float = 1.0, min_neurons: 
     return remove
 
 
+def remove_stream_units(model, stream: Stream, keep: torch.Tensor) -> None:
+    """Cut the units of ``stream`` where ``keep`` (bool) is False, everywhere they are produced and read.
+
+    A chain's hidden layer: :func:`nestsynth.sparse.keep_units` (its rows, batch-norm
+    entries and the next layer's columns); a graph group:
+    :meth:`~nestsynth.graph.SparseGraph.remove_units` (every member, batch norm and read).
+    No compensation (N2PS relies on retraining).
+    """
+    if bool(keep.all()):
+        return
+    if stream.group is None:
+        keep_units(model, stream.members[0], keep.nonzero().squeeze(1))
+    else:
+        model.remove_units(current_group(model, stream.group), keep)
+
+
 def prune_round(model, X: torch.Tensor, measure: str = "sigmoid", threshold_scale: float = 1.0,
                 min_neurons: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One N2PS removal on every hidden layer, in place (significances from the same network).
+    """One N2PS removal on every stream (hidden layer or coupled group), in place
+    (significances from the same network, before any removal).
 
     Returns:
-        (significances, removed): per hidden layer, the (n_h,) significances before the
-        removal and the (n_h,) bool mask of removed neurons.
+        (significances, removed): per :func:`streams` entry, the (units,) significances
+        before the removal and the (units,) bool mask of removed units.
     """
+    found = streams(model)
     sig = significance(model, mean_activations(model, X), measure)
     removed = [insignificant(s, threshold_scale, min_neurons) for s in sig]
-    for h, rem in enumerate(removed):
-        keep_units(model, h, (~rem).nonzero().squeeze(1))
+    for st, rem in zip(found, removed):
+        remove_stream_units(model, st, ~rem)
     return sig, removed
 
 
 @register_method("n2ps", N2psConfig,
-                 "N2PS (Augasta & Kathirvalavakumar 2011): remove hidden neurons whose significance "
-                 "sum_k sigma(a_j w_kj) is below the layer average, retrain, repeat")
-@chain_only("it removes the neurons of hidden layer h together with their inputs to layer h + 1, which "
-            "only a chain has")
-@mlp_only("its neuron significance is defined for fully connected neurons only")
+                 "N2PS (Augasta & Kathirvalavakumar 2011): remove hidden neurons (feature maps, coupled "
+                 "channel groups) whose significance sum_k sigma(a_j w_kj) is below the layer average, "
+                 "retrain, repeat")
 def run_n2ps(ctx, mcfg: N2psConfig):
-    """N2PS on the reference architecture; returns the pruned, retrained model."""
+    """N2PS on the reference architecture (MLP, CNN or graph network); returns the pruned,
+    retrained model."""
     model = ctx.train_dense(mcfg.dense_epochs)
     ref = ctx.dense["val_error"] if ctx.dense else ctx.val_error(model)  # the accuracy rounds must keep
     it, val = 0, ref  # val: validation error of the current (accepted) network

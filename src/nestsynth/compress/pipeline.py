@@ -16,7 +16,11 @@ CNN runs (a SparseCNN model.pt) go through the same stages: every conv kernel is
 shared and stored as the (out, in*k*k) matrix of its flattened kernels (see
 :mod:`.storage`).  ``conv_bits`` / ``conv_index_bits`` give the conv layers their own
 cluster and gap widths (Deep Compression: 8 and 8 for conv, 5 and 5 for fc); by default
-every layer uses ``bits`` / ``index_bits``.  The dense reference's bytes are 32 bits per
+every layer uses ``bits`` / ``index_bits``.  Graph runs (a SparseGraph model.pt: residual
+or branched networks) go through the same stages over the graph's weight layers (its
+``layers``, in graph order, named by module path): sharing per layer, centroid
+retraining of the graph model, the storage count summed over those layers; the conv
+layers among them take ``conv_bits``.  The dense reference's bytes are 32 bits per
 weight and bias of the run's dense reference (``report.json``'s ``dense_reference``:
 its weights, plus one bias per unit of every layer).
 """
@@ -33,7 +37,7 @@ from .. import config as config_mod
 from ..data import load_dataset, random_affine
 from ..errors import NestError
 from ..report.summary import load_run_model, save_model
-from ..sparse import SparseCNN
+from ..sparse import MaskedConv2d
 from ..training import evaluate
 from .sharing import SharedLayer, apply_sharing, finetune_centroids, share_weights
 from .storage import storage_report
@@ -131,7 +135,7 @@ def compress_run(run_dir: str | Path, bits: int = 5, index_bits: int = 5, finetu
         "bytes": storage["bytes"], "ratio": storage["ratio"],
         "reference": _reference(report, storage["bytes"]), "layers": storage["layers"],
     }
-    if isinstance(model, SparseCNN):
+    if any(isinstance(layer, MaskedConv2d) for layer in model.layers):  # a CNN or a graph with convs
         result.update(conv_bits=conv_bits or bits, conv_index_bits=conv_index_bits or index_bits)
     save_model(model, run / SHARED_MODEL_FILE, report.get("model", cfg.model),
                report.get("input_shape") or list(data.input_shape))
@@ -188,11 +192,12 @@ def _finetune(model, shared: list[SharedLayer], cfg, data, epochs: int, lr_scale
 def format_compression(result: dict) -> str:
     """A plain-text table of ``compression.json``: bytes of each storage form per layer and in total."""
     forms = list(result["bytes"])
-    lines = [f"{'layer':<8}" + "".join(f"{f:>12}" for f in forms)]
+    n = max([8] + [len(layer.get("name", "?")) + 1 for layer in result["layers"]])  # graph layers: module paths
+    lines = [f"{'layer':<{n}}" + "".join(f"{f:>12}" for f in forms)]
     for layer in result["layers"]:
-        lines.append(f"{layer.get('name', '?'):<8}" + "".join(f"{layer['bytes'][f]:>12,}" for f in forms))
-    lines.append(f"{'total':<8}" + "".join(f"{result['bytes'][f]:>12,}" for f in forms))
-    lines.append(f"{'ratio':<8}" + "".join(f"{result['ratio'][f]:>11.1f}x" for f in forms))
+        lines.append(f"{layer.get('name', '?'):<{n}}" + "".join(f"{layer['bytes'][f]:>12,}" for f in forms))
+    lines.append(f"{'total':<{n}}" + "".join(f"{result['bytes'][f]:>12,}" for f in forms))
+    lines.append(f"{'ratio':<{n}}" + "".join(f"{result['ratio'][f]:>11.1f}x" for f in forms))
     e = result["error"]
     lines.append(f"\n{result['bits']}-bit weight sharing: test error {100 * e['test_before']:.2f}% -> "
                  f"{100 * e['test_after']:.2f}% (centroid retraining {'kept' if result['finetune']['kept'] else 'rejected'})"

@@ -16,9 +16,11 @@ Definition followed (Han, Mao, Dally, "Deep Compression", ICLR 2016, §3):
 * Layers with at most ``k`` distinct active values: the centroids are exactly those
   distinct values (sharing is lossless); a layer without active weights gets an
   empty codebook.
-* Conv layers (SparseCNN): a kernel (out, in, k, k) is shared as the (out, in*k*k)
-  matrix of its flattened kernels (row-major positions are the same), one codebook
-  per layer as for linear layers.  Deep Compression uses 8 bits for conv layers and
+* Conv layers (SparseCNN, or the conv layers of a SparseGraph): a kernel (out, in, k, k)
+  is shared as the (out, in*k*k) matrix of its flattened kernels (row-major positions are
+  the same), one codebook per layer as for linear layers.  A graph network (SparseGraph:
+  residual, concatenated) is shared layer by layer over its ``layers`` (graph order) as
+  a chain is.  Deep Compression uses 8 bits for conv layers and
   5 for fc layers (§3.1); ``conv_bits`` sets the conv layers' bits (default ``bits``).
 * Fine-tuning (§3.3): the weight matrix is always ``W_ij = C[I_ij]``; the gradient
   of a centroid is the sum of the gradients of the weights of its cluster,
@@ -167,7 +169,8 @@ class CentroidModel(nn.Module):
     parameters are passed detached, so a backward pass reaches only the centroids.
 
     Args:
-        model: the SparseMLP or SparseCNN (kept as a plain reference, not a submodule).
+        model: the SparseMLP, SparseCNN or SparseGraph (kept as a plain reference, not a
+            submodule).
         shared: its shared form (indices and positions are fixed).
     """
 
@@ -177,13 +180,17 @@ class CentroidModel(nn.Module):
         self.centroids = nn.ParameterList(nn.Parameter(s.centroids.clone().to(dev)) for s in shared)
         self.shared = shared
         self.frozen = [model]  # a list, not a submodule: its parameters are not trained
+        # each layer's weight by its name in the model's parameters (``layers.i.weight`` for a
+        # chain, the module path inside ``net`` for a graph network)
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.weight_names = [names[id(layer.weight)] for layer in model.layers]
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Parameter overrides for ``functional_call``: every layer's ``C[I]``, the rest detached."""
         model = self.frozen[0]
         params = {name: p.detach() for name, p in model.named_parameters()}
-        for i, (c, s) in enumerate(zip(self.centroids, self.shared)):
-            params[f"layers.{i}.weight"] = s.weight(c)
+        for name, c, s in zip(self.weight_names, self.centroids, self.shared):
+            params[name] = s.weight(c)
         return params
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, *input) -> (B, classes)

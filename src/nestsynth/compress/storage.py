@@ -1,9 +1,17 @@
-"""Storage size of a SparseMLP or SparseCNN in the forms of Deep Compression (Han, Mao, Dally 2016).
+"""Storage size of a SparseMLP, SparseCNN or SparseGraph in the forms of Deep Compression
+(Han, Mao, Dally 2016).
 
 Every form counts, per weight layer, the weights in its own way plus the same
-per-unit vectors at 32 bits: the bias (``out`` floats) and, for a hidden layer
-followed by batch norm, the folded per-unit scale (``out`` floats; inference computes
-``scale * (W x) + folded bias``, so sharing applies to ``W`` unchanged).  A conv layer
+per-unit vectors at 32 bits: the bias (``out`` floats) and, for a layer whose outputs
+a batch norm normalizes (:meth:`~nestsynth.sparse.network.MaskedLayers.norm_entries`:
+a chain's hidden layers with batch norm), the folded per-unit scale (``out`` floats;
+inference computes ``scale * (W x) + folded bias``, so sharing applies to ``W``
+unchanged).  A graph network's layers are its ``layers`` in graph order, named by
+their module paths.  A layer whose outputs a batch norm normalizes after a
+concatenation is charged its ``out`` scale values the same way; each of the ``k``
+layers whose outputs enter a batch norm of a residual sum is charged ``out`` scale
+values too: ``2k`` values per unit, exact for ``k = 2`` (two biases, the norm's scale
+and shift) and ``k - 2`` above what inference needs for ``k > 2``.  A conv layer
 whose partial-area mask (NeST's Algorithm 2) switches off output positions also stores
 that mask, one bit per output position (``out * H_out * W_out`` bits), in every form;
 a full area needs nothing.  A layer's bits are rounded up to whole bytes; the model's
@@ -88,9 +96,10 @@ def relative_entries(positions: torch.Tensor, index_bits: int) -> tuple[list[int
 
 
 def unit_vectors(model: SparseMLP | SparseCNN, i: int) -> int:
-    """Number of 32-bit per-unit values stored for layer i: bias, plus BN scale if any."""
+    """Number of 32-bit per-unit values stored for layer i: bias, plus BN scale if a batch
+    norm normalizes its outputs (``model.norm_entries(i)``)."""
     out = model.layers[i].out_features
-    return out * (2 if model.norms and i < model.n_hidden else 1)
+    return out * (2 if model.norm_entries(i) is not None else 1)
 
 
 def area_bits(model: SparseMLP | SparseCNN, i: int) -> int:
