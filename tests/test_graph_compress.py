@@ -1,4 +1,4 @@
-"""Deep Compression (nestsynth compress) on graph runs (SparseGraph).
+"""Deep Compression (nestsynth compress) and bench-infer on graph runs (SparseGraph).
 
 Oracles: the storage count of a chain expressed as a graph equals the chain path's
 count layer by layer (same masks and weights); a residual graph with a batch norm of
@@ -19,6 +19,9 @@ from torch import nn
 from nestsynth.api import resolve_reference
 from nestsynth.baselines.runner import run_method
 from nestsynth.compress import CentroidModel, apply_sharing, compress_run, share_weights, storage_report
+from nestsynth.errors import NestError
+from nestsynth.export.pipeline import (Source, bench_inference, export_run, format_inference_table,
+                                       reference_graph)
 from nestsynth.graph import SparseGraph
 from nestsynth.report.summary import load_model
 from nestsynth.sparse import set_mask
@@ -140,3 +143,48 @@ def test_cli_compress_a_graph_run(graph_run):
     assert rc == 0 and json.loads(out)["clusters_max"] == 4
     rc, _, err = call(["compress", graph_run, "--bits", "0"])
     assert rc == 2 and "bits = 0 is out of range" in one_error_line(err)
+
+
+def test_bench_infer_a_graph_export(graph_run):
+    artifact = export_run(graph_run, "pytorch")["artifact"]
+    result = bench_inference(artifact, batch_sizes=(1, 8), repeats=3, warmup=1)
+    chain_keys = {"artifact", "run", "input_shape", "batch_sizes", "threads", "repeats", "warmup", "flops",
+                  "storage", "onnx", "ckernel", "variants", "file_bytes", "deep_compression", "environment",
+                  "output_file"}
+    assert chain_keys <= set(result)
+    names = [row["name"] for row in result["variants"]]
+    assert names[:3] == ["dense reference", "masked", "compact (PyTorch)"]
+    report = json.loads((graph_run / "report.json").read_text())
+    ref, masked, compact = result["variants"][:3]
+    assert ref["widths"] == report["dense_reference"]["widths"]
+    assert result["flops"]["dense_reference"] == report["dense_reference"]["flops"]
+    assert compact["max_abs_diff_vs_masked"] < 1e-5 and masked["max_abs_diff_vs_masked"] == 0.0
+    # the C kernel and CSR are for chains: said, not timed
+    assert "sequential CNN exports only" in result["ckernel"] and "compact dense PyTorch" in result["ckernel"]
+    assert [row["name"] for row in result["storage"]] == ["fc_in", "fc1", "fc2", "out"]
+    for row in result["variants"]:
+        assert set(row["latency"]) == {"1", "8"} and all(v["median_ms"] > 0 for v in row["latency"].values())
+    text = format_inference_table(result)
+    assert "compact (PyTorch)" in text and "C kernel:" in text
+    rc, out, err = call(["bench-infer", artifact, "--batch-sizes", "1", "--repeats", "3", "--warmup", "1"])
+    assert rc == 0 and "dense reference" in out, err
+
+
+def test_the_dense_reference_of_a_graph_run_has_the_reference_widths(tmp_path):
+    """A final model narrower than its reference (as after NeST's seed and pruning): the
+    reference graph gets the reference widths back, full masks and the dense weight count."""
+    torch.manual_seed(0)
+    full = SparseGraph.from_module(UserResNet(), (1, 8, 8)).eval()
+    narrow = SparseGraph.from_module(UserResNet(), (1, 8, 8)).eval()
+    for name, keep in (("stem", 4), ("side", 3), ("fc", 15)):  # the residual stream, side, fc
+        group = narrow.graph.group_of(name)
+        narrow.remove_units(group, torch.arange(group.units) < keep)
+    assert narrow.widths == [1, 4, 6, 4, 3, 15, 10]
+    src = Source(narrow, tmp_path / "model.pt", None, report={"dense_reference": {"widths": full.widths}})
+    ref = reference_graph(src)
+    assert ref.widths == full.widths == [1, 6, 6, 6, 4, 20, 10]
+    assert ref.dense_weights() == ref.active_weights() == 4_126  # UserResNet's dense count
+    assert narrow.widths == [1, 4, 6, 4, 3, 15, 10]  # the final model is not changed
+    src.report["dense_reference"]["widths"] = [1, 6, 6]
+    with pytest.raises(NestError, match="do not fit the layout of its final model"):
+        reference_graph(src)

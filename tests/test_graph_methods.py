@@ -11,7 +11,8 @@
   refused with capture's sentence;
 * the command line: ``nestsynth prune --model resnet-mnist``, report, export, compress, models;
 * export of a graph run: dead units physically removed (hand-built cases), the
-  artifacts (PyTorch weights-only, safetensors, ONNX) checked against the masked model.
+  artifacts (PyTorch weights-only, safetensors, ONNX) checked against the masked model,
+  bench-infer of the PyTorch artifact.
 """
 
 from __future__ import annotations
@@ -321,9 +322,10 @@ def test_export_artifacts_of_a_graph_run(digits, tmp_path, fmt):
     if fmt == "pytorch":
         blob = ckpt.safe_load(run / "export" / "compact.pt")  # weights_only
         assert blob["arch"]["kind"] == "graph"
-        with pytest.raises(NestError, match="bench-infer times MLP and sequential CNN exports only"):
-            from nestsynth.export.pipeline import bench_inference
-            bench_inference(result["artifact"])
+        from nestsynth.export.pipeline import bench_inference  # times the compact dense graph model
+        timed = bench_inference(result["artifact"], batch_sizes=(4,), repeats=3, warmup=1)
+        assert [row["name"] for row in timed["variants"]][:3] == ["dense reference", "masked", "compact (PyTorch)"]
+        assert timed["variants"][2]["max_abs_diff_vs_masked"] < 1e-5
 
 
 @pytest.mark.slow

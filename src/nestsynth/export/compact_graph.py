@@ -115,6 +115,11 @@ class CompactGraph(nn.Module):
     def storages(self) -> list[str]:
         return ["dense"] * len(self.layer_names)
 
+    def specs(self) -> list[dict]:
+        """One plain record per weight layer: name, type, weight shape, storage (bench-infer's ``storage``)."""
+        return [{"name": name, "type": type(self.net.get_submodule(name)).__name__, "shape": list(w.shape),
+                 "storage": "dense"} for name, w in self._weights().items()]
+
     def densified(self) -> "CompactGraph":
         """This model (every layer is already dense)."""
         return self

@@ -1,9 +1,13 @@
 """The three operations behind the command line: export, evaluate, bench-infer.
 
-Each accepts a SparseMLP run (a :class:`CompactMLP` artifact) or a SparseCNN run (a
-:class:`CompactCNN` artifact); export and evaluate also accept a SparseGraph run (a
-:class:`~nestsynth.export.compact_graph.CompactGraph` artifact, dense layers; bench-infer
-refuses it).  For a CNN run the dense reference timed by bench-infer
+Each accepts a SparseMLP run (a :class:`CompactMLP` artifact), a SparseCNN run (a
+:class:`CompactCNN` artifact) or a SparseGraph run (a
+:class:`~nestsynth.export.compact_graph.CompactGraph` artifact, dense layers).  bench-infer
+times a graph export as its compact dense PyTorch model (and ONNX): CSR storage and the
+generated C kernel cover chains only, which its output says.  The dense reference of a
+graph run is the final model's graph with every resizable coupled group resized to the
+report's reference widths, every mask full, random weights and batch norms reset, run
+as a compact graph (batch norm folded).  For a CNN run the dense reference timed by bench-infer
 is the registered spec of the run's model (``registry.get_model(report["model"])``)
 built with the report's reference widths, or -- for a model that is not registered
 (a user CNN) -- the final model's layout with those widths; its weights are random
@@ -15,6 +19,7 @@ none) by each variant's executed FLOPs.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
@@ -32,13 +37,14 @@ from ..metrics import dense_flops, reference_flops
 from ..graph.network import SparseGraph
 from ..report.summary import load_model
 from ..sparse.cnn import SparseCNN
+from ..sparse.conv import MaskedConv2d
 from ..sparse.mlp import SparseMLP
 from .bench import measure_latency
 from .ckernel import CKernel, KernelUnavailable, find_compiler
 from .compact import CompactLinear, CompactMLP, compact_from_sparse, max_abs_difference
 from .compact_base import SPARSE_STORAGES, STORAGES
 from .compact_cnn import CompactCNN, CompactConv2d
-from .compact_graph import CompactGraph
+from .compact_graph import CompactGraph, compact_graph_from_sparse
 from .contract import input_contract
 from .formats import (FORMATS, SUFFIX, OnnxModel, _require_onnx, artifact_files, c_artifact, format_of,
                       load_artifact, load_onnx, onnx_bytes, save_artifact)
@@ -483,6 +489,45 @@ def dense_reference_cnn(src: Source, seed: int = 0) -> tuple[CompactCNN, int, in
     return CompactCNN(layers, ref.input_shape).eval(), reference_flops(ref), size
 
 
+def reference_graph(src: Source, seed: int = 0) -> SparseGraph:
+    """The run's dense reference graph network (random weights, eval mode): the final model's
+    graph with every resizable coupled group resized to the reference widths (units added
+    by :meth:`SparseGraph.add_units`, or the last ones removed), every weight and area mask
+    full, weights drawn again and batch norms reset.
+
+    Raises:
+        NestError: the reference widths do not fit the final model's layout.
+    """
+    widths, g = src.reference_widths, torch.Generator().manual_seed(seed)
+    ref = copy.deepcopy(src.model)
+    if len(widths) == len(ref.widths):
+        for members in [group.members for group in ref.groups() if group.resizable]:
+            group = ref.graph.group_of(members[0])  # as it is now
+            target = int(widths[1 + ref.layer_names.index(members[0])])
+            if target > group.units:
+                ref.add_units(group, target - group.units, generator=g)
+            elif target < group.units:
+                ref.remove_units(group, torch.arange(group.units) < target)
+    if list(ref.widths) != [int(w) for w in widths]:
+        raise NestError(f"the run's reference widths {widths} do not fit the layout of its final model "
+                        f"(widths {src.model.widths}).")
+    with torch.no_grad():
+        for layer in ref.layers:
+            layer.mask.fill_(1)
+            if isinstance(layer, MaskedConv2d):
+                layer.area.fill_(1)
+    ref.reset_parameters(g)
+    return ref.eval()
+
+
+def dense_reference_graph(src: Source, seed: int = 0) -> tuple[CompactGraph, int, int]:
+    """(dense reference as a compact graph, its dense FLOPs, its fp32 weight+bias bytes) for timing."""
+    ref = reference_graph(src, seed)
+    compact, _ = compact_graph_from_sparse(ref)
+    size = 4 * sum(layer.weight.numel() + layer.bias.numel() for layer in ref.layers)
+    return compact, reference_flops(ref), size
+
+
 def dense_reference_model(widths, activations, input_shape=None, seed: int = 0) -> CompactMLP:
     """A dense inference MLP of the reference widths (random weights; for timing only)."""
     g = torch.Generator().manual_seed(seed)
@@ -564,19 +609,22 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
         raise NestError(f"--repeats must be at least 3, got {repeats}.")
     ckpt.check_can_write(Path(out) if out else artifact.parent / "inference.json", "--out")
     compact = load_artifact(artifact)
-    if isinstance(compact, CompactGraph):
-        raise NestError("bench-infer times MLP and sequential CNN exports only; a graph network's export is "
-                        "checked by nestsynth export and its test error measured by nestsynth evaluate.")
+    graph = isinstance(compact, CompactGraph)
     run = run or compact.meta.get("source_run") or compact.meta.get("source_model")
     if not run:
         raise NestError(f"{str(artifact)!r} does not record its run; pass --run RUN_DIR.")
     src = load_source(run)
-    if src.is_cnn != isinstance(compact, CompactCNN) or src.n_inputs != compact.n_inputs or \
-            src.model.widths[-1] != compact.layers[-1].out_features:
+    if src.is_cnn != isinstance(compact, CompactCNN) or src.is_graph != graph or \
+            src.n_inputs != compact.n_inputs or src.model.widths[-1] != compact.widths[-1]:
         raise NestError(f"the run {str(run)!r} does not hold the model {str(artifact)!r} was exported from.")
     shape = compact.input_shape or src.input_shape or [compact.n_inputs]
     ref_widths = src.reference_widths
-    if src.is_cnn:
+    if graph:
+        reference, ref_model_flops, ref_bytes = dense_reference_graph(src)
+        ref_flops = int((src.report.get("dense_reference") or {}).get("flops") or ref_model_flops)
+        masked_flops, masked_note = reference_flops(src.model), \
+            "SparseGraph: dense conv/matmul of W*mask, area masks, batch norm"
+    elif src.is_cnn:
         reference, ref_model_flops, ref_bytes = dense_reference_cnn(src)
         ref_flops = int((src.report.get("dense_reference") or {}).get("flops") or ref_model_flops)
         masked_flops, masked_note = reference_flops(src.model), \
@@ -588,7 +636,8 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
         masked_flops, masked_note = dense_flops(src.model.widths), "SparseMLP: dense matmul of W*mask, batch norm"
 
     with _torch_threads(threads):
-        variants = [("dense reference", reference, ref_model_flops, ref_widths, "random weights"),
+        variants = [("dense reference", reference, ref_model_flops, ref_widths,
+                     "random weights" + (", compact graph (batch norm folded)" if graph else "")),
                     ("masked", src.model, masked_flops, src.model.widths, masked_note),
                     ("compact (PyTorch)", compact, compact.executed_flops(), compact.widths,
                      "storage " + "/".join(compact.storages()))]
@@ -596,7 +645,10 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
             variants.append(("compact, all dense", compact.densified(), compact.dense_flops(),
                              compact.widths, "same widths, no CSR"))
         c_note = None
-        if set(compact.storages()) != {"ckernel"}:
+        if graph:
+            c_note = ("skipped: the generated C kernel and CSR storage cover MLP and sequential CNN exports only; "
+                      "this graph network is timed as its compact dense PyTorch model")
+        elif set(compact.storages()) != {"ckernel"}:
             rows_c, c_note = _c_variant(compact, shape)
             variants += rows_c
         onnx_file, onnx_note = None, None
@@ -664,7 +716,7 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
                   "warmup": warmup,
                   "flops": {"dense_reference": ref_flops, "nonzero": nnz_flops,
                             "nonzero_ratio": ref_flops / max(nnz_flops, 1)},
-                  "storage": [layer.spec() for layer in compact.layers],
+                  "storage": compact.specs() if graph else [layer.spec() for layer in compact.layers],
                   "onnx": onnx_note, "ckernel": c_note, "variants": rows, "file_bytes": files, "deep_compression": deep,
                   "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                   "machine": platform.machine(), "processor": platform.processor()}}
