@@ -143,6 +143,8 @@ class PruningConfig:
     final_regrow: float = 0.0  # with target_weights: prune to (1 - r) of it, grow r back (Policy 1) before final_epochs
     criterion: str = "magnitude"  # magnitude: smallest |W*| (Policy 4); l0: learned hard-concrete gates (see README)
     target_flops: int = 0  # criterion l0: > 0 steers the gates' expected FLOPs (2 per MAC) down to this (see README)
+    distill: float = 0.0  # > 0: pruning and fine-tuning also fit the post-growth network's outputs, with this weight (see README)
+    distill_temperature: float = 4.0  # softmax temperature of that distillation loss
 
 
 @dataclass
@@ -441,6 +443,8 @@ def validate(cfg: Config) -> None:
     _check(p.guard in ("warn", "stop"), "pruning.guard", p.guard, "warn or stop")
     _check(0 <= p.rewire < 1, "pruning.rewire", p.rewire, "in [0, 1)")
     _check(0 <= p.final_regrow < 1, "pruning.final_regrow", p.final_regrow, "in [0, 1)")
+    _check(0 <= p.distill <= 1, "pruning.distill", p.distill, "in [0, 1]")
+    _check(p.distill_temperature > 0, "pruning.distill_temperature", p.distill_temperature, "positive")
     _check(p.criterion in ("magnitude", "l0"), "pruning.criterion", p.criterion, "magnitude or l0")
     _check(p.target_flops >= 0, "pruning.target_flops", p.target_flops, ">= 0")
     if p.target_flops > 0:

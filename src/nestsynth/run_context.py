@@ -182,7 +182,8 @@ class RunContext:
               window: tuple[int, int] | None = None, generator: torch.Generator | None = None,
               desc: str = "training", penalty: Callable[[], torch.Tensor] | None = None,
               after_step: Callable[[], None] | None = None,
-              on_epoch: Callable[[int], None] | None = None) -> float | None:
+              on_epoch: Callable[[int], None] | None = None,
+              objective: Callable | None = None) -> float | None:
         """Train ``epochs`` epochs on the training split; returns the last epoch's mean loss.
 
         Uses ``cfg.train`` (batch size, optimizer, schedule, augmentation).  With the
@@ -201,6 +202,7 @@ class RunContext:
             penalty: added to every batch loss (e.g. an L0 or L2 term).
             after_step: run after every optimizer step (e.g. gradual pruning, re-masking).
             on_epoch: run after every epoch with the epoch index.
+            objective: the batch loss instead of the cross-entropy (``train_epoch``).
 
         Raises:
             NonFiniteLoss: a batch loss became NaN or infinite.
@@ -221,7 +223,8 @@ class RunContext:
                 lr_at = (lambda b, k=start: cosine_lr(k * per_epoch + b, total * per_epoch, lr, t.min_lr_scale)) \
                     if t.schedule == "cosine" else (lambda b: lr)
                 loss = train_epoch(model, self.X, self.y, optimizer, t.batch_size, generator,
-                                   self.augmentation(generator), bar.update, lr_at, penalty, after_step, per_epoch)
+                                   self.augmentation(generator), bar.update, lr_at, penalty, after_step, per_epoch,
+                                   objective)
                 self.record.epochs += 1
                 self.losses.append(loss)
                 if on_epoch is not None:

@@ -50,7 +50,7 @@ from .graph.network import SparseGraph
 from .run_context import RunContext, RunRecord, is_graph_reference
 from .seeds import make_seed
 from .sparse import MaskedConv2d, append_units, model_from_arch, set_mask
-from .training import NonFiniteLoss, make_optimizer
+from .training import Distillation, NonFiniteLoss, make_optimizer
 
 MAX_ROLLBACKS = 4
 MAP_SAMPLES = 2048  # examples on which feature-map candidates are compared (Policy 3)
@@ -110,6 +110,8 @@ class Synthesis:
         self.gates: L0Gates | None = None
         self.gate_control: L0SizeControl | None = None
         self.flops_control: FlopsControl | None = None  # and with pruning.target_flops its FLOP controller
+        self.teacher: dict | None = None  # pruning.distill: the post-growth network's state
+        self._distill: Distillation | None = None  # ... and the objective that fits its outputs
         self._last: dict | None = None
         self._clock = time.monotonic()
 
@@ -196,12 +198,24 @@ class Synthesis:
         st.widths["post_growth"] = self.model.widths
         st.post_growth_layers = self.model.active_per_layer()
         self._snapshot("post_growth")
+        if self.cfg.pruning.distill > 0:
+            self._set_teacher(self._model_state())
         reference = st.target if (st.target is not None and val <= st.target) else val
         st.bound = reference + self.cfg.pruning.tolerance
         st.accepted_val = val
         self.accepted = self._model_state()
         st.phase, st.iteration = ("pruning" if self.cfg.pruning.enabled else "finetune"), 0
         st.prune_start, st.prune_iterations = self._plan_pruning()
+
+    def _set_teacher(self, snap: dict | None) -> None:
+        """``pruning.distill``: the frozen post-growth network whose outputs the pruning and
+        fine-tuning also fit (a deviation from the paper, which trains on the labels only)."""
+        self.teacher, self._distill = snap, None
+        if snap is not None:
+            teacher = model_of_arch(snap["arch"]).to(self.ctx.device)
+            teacher.load_state_dict(snap["model"])
+            p = self.cfg.pruning
+            self._distill = Distillation(teacher, p.distill, p.distill_temperature)
 
     def _plan_pruning(self) -> tuple[int, int]:
         """(live connections at the start, pruning iterations planned; 0 = until rest).
@@ -612,6 +626,8 @@ class Synthesis:
         (``state.lr_scale``, halved per NaN rollback: a power of two, so the product is
         exact whichever way it is taken)."""
         options.setdefault("optimizer", self.optimizer)
+        if self._distill is not None and self.state.phase in ("pruning", "finetune"):
+            options.setdefault("objective", self._distill)
         return self.ctx.train(model, epochs, lr_scale=lr_scale * self.state.lr_scale, desc=desc, **options)
 
     def _log(self, phase: str, iteration: int, val: float, model=None, loss=None, seconds=0.0, **extra) -> None:
@@ -642,6 +658,7 @@ class Synthesis:
                 "generator": self.ctx.generator.get_state(),
                 "accepted": self.accepted,
                 "gates": self._gate_state(),
+                "teacher": self.teacher,
                 "state": copy.deepcopy(st.__dict__)}
 
     def _save(self) -> None:
@@ -669,6 +686,7 @@ class Synthesis:
         self.optimizer.load_state_dict(copy.deepcopy(c["optimizer"]))  # may alias; Adam steps in place
         self.ctx.generator.set_state(c["generator"])
         self.accepted = c["accepted"]
+        self._set_teacher(c.get("teacher"))
         self._clock = time.monotonic()
 
     def _rollback(self) -> None:

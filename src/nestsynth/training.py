@@ -109,13 +109,15 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
                 lr_at: Callable[[int], float] | None = None,
                 penalty: Callable[[], torch.Tensor] | None = None,
                 after_step: Callable[[], None] | None = None,
-                steps: int | None = None) -> float:
+                steps: int | None = None, objective: Callable | None = None) -> float:
     """One epoch of minibatch training in a random order drawn from ``generator``.
 
     ``lr_at(batch_index)`` (optional) sets the learning rate before every batch.
     ``penalty()`` (optional) is added to every batch loss (regularizers such as L0);
     the reported loss excludes it.  ``after_step()`` (optional) runs after every
     optimizer step (mask re-application, gradual pruning, custom updates).
+    ``objective(logits, xb, yb, reduction)`` (optional) replaces the cross-entropy
+    (e.g. :class:`Distillation`); it sees the batch as the model does, augmented.
 
     Args:
         steps: optimizer steps of the epoch (:func:`steps_per_epoch`); None or at most
@@ -140,9 +142,9 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
             set_lr(optimizer, lr_at(b))
         idx = idx.to(X.device)
         if dist.active:
-            loss = _shared_step(model, X, y, idx, optimizer, augment, penalty, dist)
+            loss = _shared_step(model, X, y, idx, optimizer, augment, penalty, dist, objective)
         else:
-            loss = _local_step(model, X[idx], y[idx], optimizer, augment, penalty)
+            loss = _local_step(model, X[idx], y[idx], optimizer, augment, penalty, objective)
         if after_step is not None:
             after_step()
         total += loss * len(idx)
@@ -154,7 +156,39 @@ def train_epoch(model, X: torch.Tensor, y: torch.Tensor, optimizer, batch_size: 
     return total / max(count, 1)
 
 
-def _local_step(model, xb: torch.Tensor, yb: torch.Tensor, optimizer, augment: Callable | None, penalty) -> float:
+def _batch_loss(model, xb: torch.Tensor, yb: torch.Tensor, objective: Callable | None,
+                reduction: str = "mean") -> torch.Tensor:
+    """The training loss of the batch: ``objective`` or the cross-entropy."""
+    logits = model(xb)
+    if objective is None:
+        return F.cross_entropy(logits, yb, reduction=reduction)
+    return objective(logits, xb, yb, reduction)
+
+
+class Distillation:
+    """Knowledge distillation (Hinton et al. 2015) from a frozen ``teacher`` as a training
+    objective: ``(1 - alpha) * CE(s, y) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))``
+    per example, with the student's logits s and the teacher's t (eval mode, no gradient)
+    on the same (augmented) batch."""
+
+    def __init__(self, teacher, alpha: float, temperature: float):
+        self.teacher, self.alpha, self.temperature = teacher.eval(), alpha, temperature
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, logits: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
+                 reduction: str = "mean") -> torch.Tensor:
+        T = self.temperature
+        with torch.no_grad():
+            target = F.log_softmax(self.teacher(xb) / T, dim=1)
+        kl = F.kl_div(F.log_softmax(logits / T, dim=1), target, log_target=True, reduction="none").sum(1)
+        ce = F.cross_entropy(logits, yb, reduction="none")
+        per = (1 - self.alpha) * ce + self.alpha * T * T * kl
+        return per.sum() if reduction == "sum" else per.mean()
+
+
+def _local_step(model, xb: torch.Tensor, yb: torch.Tensor, optimizer, augment: Callable | None, penalty,
+                objective: Callable | None = None) -> float:
     """One optimizer step of one process on the batch (xb, yb); returns its mean loss
     (without the penalty).
 
@@ -163,7 +197,7 @@ def _local_step(model, xb: torch.Tensor, yb: torch.Tensor, optimizer, augment: C
     """
     if augment is not None:
         xb = augment(xb)
-    loss = F.cross_entropy(model(xb), yb)
+    loss = _batch_loss(model, xb, yb, objective)
     full = loss + penalty() if penalty is not None else loss
     if not torch.isfinite(full):
         raise NonFiniteLoss(f"training loss became {full.item()}")
@@ -174,7 +208,7 @@ def _local_step(model, xb: torch.Tensor, yb: torch.Tensor, optimizer, augment: C
 
 
 def _shared_step(model, X: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, optimizer,
-                 augment: Callable | None, penalty, dist) -> float:
+                 augment: Callable | None, penalty, dist, objective: Callable | None = None) -> float:
     """One optimizer step of the global batch ``idx`` split across ranks (:mod:`nestsynth.distributed`).
 
     Every rank draws the augmentation of the whole global batch, so the generator stays in
@@ -204,7 +238,7 @@ def _shared_step(model, X: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, opt
         xb = augment(X[idx])[lo:hi]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
-    local = F.cross_entropy(model(xb), yb, reduction="sum") * weight
+    local = _batch_loss(model, xb, yb, objective, "sum") * weight
     extra = penalty() if penalty is not None else None
     (local / size + (extra / dist.world_size if extra is not None else 0.0)).backward()
     loss_sum = float(dist.reduce_gradients(params, local.detach().reshape(1))[0])
