@@ -120,6 +120,23 @@ def brute_loss(model, h, X, y, w_in, w_out):
         return float(F.cross_entropy(big.eval()(X), y))
 
 
+def test_running_topk_breaks_ties_like_the_selector_whatever_the_push_order():
+    """Many equal scores pushed in blocks out of index order (as conv layers are pushed after
+    linear blocks): the kept set and its order are the selector's on the whole vector."""
+    from nestsynth.growth.conv import RunningTopK
+    from nestsynth.select import top_k
+
+    gen = torch.Generator().manual_seed(1)
+    flat = torch.randint(0, 4, (90,), generator=gen).double()  # values 0..3: ties everywhere, 0 never kept
+    blocks = [(60, 90), (0, 25), (40, 60), (25, 40)]
+    for k in (1, 7, 30, 80):
+        top = RunningTopK(k, dtype=torch.float64)
+        for a, b in blocks:
+            top.push(flat[a:b], a)
+        want = top_k(flat, min(k, int((flat > 0).sum())))
+        assert torch.equal(top.indices, want) and torch.equal(top.values, flat[want])
+
+
 @pytest.mark.parametrize("h", [0, 1])  # next layer: a convolution (with area mask), then the linear head
 @pytest.mark.parametrize("scale", ["layer", "default"])
 def test_grow_feature_map_picks_the_best_candidate_brute_force(h, scale):

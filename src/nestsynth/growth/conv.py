@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 
 from ..distributed import current
+from ..select import top_k
 from ..sparse.conv import MaskedConv2d
 
 
@@ -176,22 +177,16 @@ class RunningTopK:
         if self.k == 0 or scores.numel() == 0:
             return
         flat = scores.reshape(-1)
-        # only scores above the current k-th best (or above 0) can enter
-        floor = float(self.values[-1]) if len(self.values) == self.k else 0.0
-        idx = torch.nonzero(flat > floor).squeeze(1)  # (m,)
-        vals = flat[idx]
-        if len(vals) > self.k:
-            vals, pos = torch.topk(vals, self.k)
-            idx = idx[pos]
-        vals = torch.cat([self.values, vals.to(self.values.dtype)])
+        full = len(self.values) == self.k
+        # only scores at least the current k-th best (or above 0) can enter; an equal score
+        # may still win its tie by a lower global index
+        idx = torch.nonzero(flat >= self.values[-1] if full else flat > 0).squeeze(1)  # (m,)
+        vals = torch.cat([self.values, flat[idx].to(self.values.dtype)])
         idx = torch.cat([self.indices, idx + offset])
-        if len(vals) > self.k:
-            vals, pos = torch.topk(vals, self.k)
-            idx = idx[pos]
-        else:
-            vals, pos = torch.sort(vals, descending=True)
-            idx = idx[pos]
-        self.values, self.indices = vals, idx
+        order = torch.argsort(idx)  # by global index: the selector's tie rule is then the global one
+        vals, idx = vals[order], idx[order]
+        best = top_k(vals, self.k)
+        self.values, self.indices = vals[best], idx[best]
 
 
 def _dormant_scores(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import current
+from ..select import top_k
 from ..sparse.conv import MaskedConv2d
 
 
@@ -123,9 +124,7 @@ def prune_area(scores: torch.Tensor, area: torch.Tensor, rate: float, min_positi
     if rate <= 0 or n_live == 0:
         return new
     n_remove = min(max(1, round(rate * n_live)), n_live)
-    cand = live.nonzero().flatten()  # live flat indices, ascending
-    order = torch.sort(scores.flatten()[cand], stable=True).indices  # ties: lower index first
-    cand = cand[order]  # live positions, weakest first
+    cand = top_k(scores, n_live, largest=False, eligible=live)  # live positions, weakest first (the selector's ties)
     if min_positions > 0:
         kernel = cand // per_kernel  # (n_live,)
         live_k = area.flatten(1).bool().sum(1)  # (out,)
