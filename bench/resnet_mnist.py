@@ -36,12 +36,14 @@ def main() -> int:
                     help="digits: sklearn's 8x8 digits (minutes on CPU) instead of MNIST")
     ap.add_argument("--out", default=None)
     ap.add_argument("--results", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override passed on to compare (repeatable)")
     args = ap.parse_args()
     dataset, name = ("digits", "resnet_digits_smoke") if args.smoke else (args.dataset, f"resnet_{args.dataset}")
     sizes, epochs, seeds = ("1500,3000", 4, 1) if args.smoke else (args.sizes, args.epochs, args.seeds)
     out = Path(args.out or ROOT / "bench" / "runs" / name)
     results = Path(args.results or ROOT / "bench" / "results" / name)
-    sets = []
+    sets = [a for kv in args.set for a in ("--set", kv)]
     if args.smoke:
         sets += ["--set", "growth.score_samples=512", "--set", "growth.max_epochs=2",
                  "--set", "growth.map_candidates=2"]
