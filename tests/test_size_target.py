@@ -413,3 +413,18 @@ def test_grow_back_under_a_flop_target_ranks_gradient_per_mac(digits, monkeypatc
     grown = [layer.active_connections() - b for layer, b in zip(syn.model.layers, before)]
     convs = sum(g for g, layer in zip(grown, syn.model.layers) if layer.weight.dim() == 4)
     assert sum(grown) == 5 and convs == (0 if flops else 5)
+
+
+def test_gates_start_from_the_target_when_growth_stopped_below_it(digits):
+    """A capped growth phase that ends below target_weights: Policy 1 grows the shortfall
+    before the gates are attached, so the gated phase starts at the target (gates can only
+    close) and the run ends there."""
+    cfg = _l0_cfg(target_weights=2500)
+    syn, model, report = _run(cfg, digits)
+    h = syn.state.history
+    post = syn.state.weights["post_growth"]
+    assert post < 2500  # the oracle's premise: growth (4 epochs) stopped below the target
+    first = next(r for r in h if r["phase"] == "pruning")
+    assert first["grown_connections"] == 2500 - post
+    assert all("grown_connections" not in r for r in h if r["phase"] == "pruning" and r is not first)
+    assert first["weights"] <= 2500 and sum(layer.active_connections() for layer in model.layers) == 2500

@@ -338,13 +338,18 @@ class Synthesis:
         st, p = self.state, self.cfg.pruning
         t0 = time.monotonic()
         if self.gates is None:
+            # growth stopped below the target (a capped growth phase): Policy 1 grows the shortfall
+            # first, at weight 0, so the gates start from the target size (they can only close)
+            grown = self._top_up(p.target_weights)
             self._attach_gates(initial_log_alpha(self.model, G.DROPRATE, self.ctx.generator), G.LAM, 0)
-        area = {}
+        else:
+            grown = 0
+        row = {"grown_connections": grown} if grown else {}
         if self.units.has_area:  # partial-area convolution goes on under the gates (scored on the gated net)
             self._prune_area(self._score_data()[0], self.gates.deterministic_model())
             if self.flops_control is not None:
                 self.flops_control.refresh()  # a smaller area makes a weight cheaper
-            area = {"pruned_area": self.area_removed}
+            row["pruned_area"] = self.area_removed
         window = (st.iteration * p.retrain_epochs, st.prune_iterations * p.retrain_epochs) \
             if p.lr_schedule == "phase" else None
         loss = self._train(self.gates, p.retrain_epochs, f"pruning {st.iteration}", p.lr_scale, window=window,
@@ -355,7 +360,7 @@ class Synthesis:
         if self.flops_control is not None:
             extra.update(expected_flops=round(self.flops_control.expected_flops()), mu=self.flops_control.mu)
         self._log("pruning", st.iteration, val=val, model=self.gates.deterministic_model(), loss=loss,
-                  seconds=time.monotonic() - t0, accepted=True, **extra, **area)
+                  seconds=time.monotonic() - t0, accepted=True, **extra, **row)
         st.iteration += 1
         if st.iteration < st.prune_iterations:
             return
