@@ -126,3 +126,27 @@ def test_samples_per_epoch_counts_what_train_epoch_draws(n, batch, steps, expect
     assert samples_per_epoch(n, batch, steps) == expected
     drawn = sum(len(b) for b in batch_indices(n, batch, steps, torch.Generator().manual_seed(0)))
     assert drawn == expected
+
+
+def test_recalibrate_batch_norm_equals_the_data_statistics():
+    """Running statistics after recalibration = the mean of the batch means and of the
+    unbiased batch variances of the BN's input (equal batches), computed directly."""
+    import torch
+
+    from nestsynth.training import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    lin, bn = torch.nn.Linear(5, 3), torch.nn.BatchNorm1d(3)
+    model = torch.nn.Sequential(lin, bn, torch.nn.ReLU(), torch.nn.Linear(3, 2)).eval()
+    bn.running_mean.fill_(7.0)
+    bn.running_var.fill_(9.0)
+    X = torch.randn(40, 5) * 3 + 1
+    assert recalibrate_batch_norm(model, X, batch_size=10)
+    with torch.no_grad():
+        h = lin(X).view(4, 10, 3)
+    torch.testing.assert_close(bn.running_mean, h.mean(1).mean(0))
+    torch.testing.assert_close(bn.running_var, h.var(1, unbiased=True).mean(0))
+    assert bn.momentum == 0.1 and not model.training  # settings restored
+    plain = torch.nn.Sequential(torch.nn.Linear(5, 2))
+    before = plain[0].weight.clone()
+    assert not recalibrate_batch_norm(plain, X) and torch.equal(plain[0].weight, before)

@@ -50,7 +50,7 @@ from .graph.network import SparseGraph
 from .run_context import RunContext, RunRecord, is_graph_reference
 from .seeds import make_seed
 from .sparse import MaskedConv2d, append_units, model_from_arch, set_mask
-from .training import Distillation, NonFiniteLoss, make_optimizer
+from .training import Distillation, NonFiniteLoss, make_optimizer, recalibrate_batch_norm
 
 MAX_ROLLBACKS = 4
 MAP_SAMPLES = 2048  # examples on which feature-map candidates are compared (Policy 3)
@@ -346,7 +346,7 @@ class Synthesis:
             grown = 0
         row = {"grown_connections": grown} if grown else {}
         if self.units.has_area:  # partial-area convolution goes on under the gates (scored on the gated net)
-            self._prune_area(self._score_data()[0], self.gates.deterministic_model())
+            self._prune_area(self._score_data()[0], self._calibrated(self.gates.deterministic_model()))
             if self.flops_control is not None:
                 self.flops_control.refresh()  # a smaller area makes a weight cheaper
             row["pruned_area"] = self.area_removed
@@ -354,12 +354,13 @@ class Synthesis:
             if p.lr_schedule == "phase" else None
         loss = self._train(self.gates, p.retrain_epochs, f"pruning {st.iteration}", p.lr_scale, window=window,
                            penalty=self._gate_penalty, after_step=self._gate_controls)
-        val = self.ctx.val_error(self.gates)
+        gated = self._calibrated(self.gates.deterministic_model())
+        val = self.ctx.val_error(gated)
         extra = {"expected_l0": round(float(self.gates.expected_l0().detach()), 1), "lam": self.gate_control.lam,
                  "goal": self.gate_control.goal(self.gate_control.step)}
         if self.flops_control is not None:
             extra.update(expected_flops=round(self.flops_control.expected_flops()), mu=self.flops_control.mu)
-        self._log("pruning", st.iteration, val=val, model=self.gates.deterministic_model(), loss=loss,
+        self._log("pruning", st.iteration, val=val, model=gated, loss=loss,
                   seconds=time.monotonic() - t0, accepted=True, **extra, **row)
         st.iteration += 1
         if st.iteration < st.prune_iterations:
@@ -369,6 +370,15 @@ class Synthesis:
         self._log("project", st.iteration, val=val, seconds=time.monotonic() - t0, pruned_neurons=units)
         self.accepted, st.accepted_val, st.kept_iteration = self._model_state(), val, st.iteration - 1
         self._end_pruning("target")
+
+    def _calibrated(self, model):
+        """``model`` with its batch norms' running statistics recomputed on the first
+        ``growth.score_samples`` training inputs (:func:`recalibrate_batch_norm`; no draw
+        from the run's generator, nothing done without batch norm).  A gated network trains
+        its statistics under noisy gates and is read with the test-time ones (without this,
+        ResNet-8/MNIST logged 19-38% validation error under the gates)."""
+        recalibrate_batch_norm(model, self.ctx.X[:self.cfg.growth.score_samples], self.cfg.train.eval_batch_size)
+        return model
 
     def _attach_gates(self, log_alpha: list[torch.Tensor], lam: float, step: int, flops: dict | None = None) -> None:
         """Gate the model (``pruning.criterion = "l0"``): the gates' parameters join the
@@ -410,6 +420,7 @@ class Synthesis:
         """
         target = self.cfg.pruning.target_weights
         keep_most_open(self.gates, target)
+        self._calibrated(self.model)  # unit removal and the grow-back's scan read the folded network
         self.gates = self.gate_control = self.flops_control = None
         self.optimizer = make_optimizer(self.model, self.cfg.train, self.state.lr_scale)
         units = self.units.prune()

@@ -251,6 +251,36 @@ def _shared_step(model, X: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, opt
 
 
 @torch.no_grad()
+def recalibrate_batch_norm(model, X: torch.Tensor, batch_size: int = 2048) -> bool:
+    """Recompute every batch norm's running statistics of ``model`` from the inputs ``X``
+    (forward passes in train mode, cumulative averages: ``momentum = None``), as SWA's
+    ``update_bn`` does.  Used where the weights changed after the statistics were gathered:
+    a gated network's test-time gates differ from the noisy gates it trained with, and
+    folding them changes every layer's output scale.  Under torchrun every rank passes all
+    of ``X``, so the statistics agree without a collective.
+
+    Returns:
+        False (nothing done) when the model has no batch norm.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for start in range(0, len(X), batch_size):
+        model(X[start:start + batch_size])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return True
+
+
+@torch.no_grad()
 def evaluate(model, X: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> tuple[float, float]:
     """(error rate, mean loss) of the model in eval mode."""
     from .distributed import current
