@@ -360,3 +360,31 @@ def test_resnet20_at_cifar_size_prunes_and_exports(tmp_path):
     assert len(report["layers"]) == 22 and report["layers"][-1]["name"] == "fc"
     result = export_run(tmp_path / "run", "onnx", check="random")
     assert result["check_passed"] and result["widths_compact"][-1] == 10
+
+
+@pytest.mark.parametrize("target", [0, 300])
+def test_l0_folds_the_gates_with_batch_norm_statistics_of_the_folded_network(digits, target):
+    """l0 on a batch-norm network: without a target the returned model's running statistics
+    are those of the folded network (recomputing them changes nothing), not those gathered
+    under noisy gates; the projection row of a sized run is logged with them too."""
+    from nestsynth.baselines.regularized import CALIBRATION_SAMPLES, run_l0
+    from nestsynth.run_context import RunContext
+    from nestsynth.training import recalibrate_batch_norm
+
+    partial = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    reference = resolve_reference(partial, digits)
+    cfg = config_mod.from_dict({"method": "l0", "device": "cpu", "train": {"batch_size": 64, "min_steps_per_epoch": 0},
+                                "methods": {"l0": {"epochs": 2, "target_weights": target, "init_droprate": 0.5}}})
+    ctx = RunContext(cfg, digits, reference, device=torch.device("cpu"))
+    model = run_l0(ctx, cfg.methods.l0)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 2
+    if target:
+        assert [r["phase"] for r in ctx.history][-2:] == ["project", "final"]
+        return
+    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    recalibrate_batch_norm(model, ctx.X[:CALIBRATION_SAMPLES], cfg.train.eval_batch_size)
+    for m, (mean, var) in zip(norms, saved):
+        torch.testing.assert_close(m.running_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var, var, rtol=1e-5, atol=1e-6)

@@ -143,6 +143,7 @@ from ..distributed import current
 from ..pruning import gates as G
 from ..pruning.gates import BETA, L0Gates, L0SizeControl, initial_log_alpha, keep_most_open, theta_scale
 from ..sparse import MaskedConv2d, SparseMLP, set_mask
+from ..training import recalibrate_batch_norm
 from .magnitude import steps_per_epoch
 from .registry import register_method
 
@@ -178,6 +179,9 @@ def _l0_optimizer(ctx, gates: L0Gates):
     return opt
 
 
+CALIBRATION_SAMPLES = 10000  # training inputs that recompute batch-norm statistics for the test-time gates
+
+
 @register_method("l0", L0Config, "L0 regularization with hard concrete gates per weight (Louizos et al., 2018)")
 def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
     """Train a gated network with the expected-L0 penalty, then fold the test-time gates in.
@@ -188,6 +192,11 @@ def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
     closed keeps its ungated value), and the network is fine-tuned with that mask for
     the remaining epochs.  (Deviation, for equal-size comparisons: Louizos et al. take
     the size lam gives.)
+
+    On a network with batch norm the running statistics, gathered under noisy gates, are
+    recomputed for the test-time gates (:func:`~nestsynth.training.recalibrate_batch_norm`
+    on the first ``CALIBRATION_SAMPLES`` training inputs) for every logged row and for the
+    folded network.
 
     Returns:
         The model with mask = (z_hat > 0) and weights w * z_hat.
@@ -206,17 +215,22 @@ def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
     def penalty() -> torch.Tensor:
         return gates.penalty(control.lam if control else mcfg.lam, n_train, mcfg.weight_decay)
 
+    def calibrated(net):  # batch norms' statistics for the test-time gates (no-op without BN)
+        recalibrate_batch_norm(net, ctx.X[:CALIBRATION_SAMPLES], ctx.cfg.train.eval_batch_size)
+        return net
+
     def on_epoch(e: int) -> None:
         extra = {"lam": control.lam, "goal": control.goal(control.step)} if control else {}
-        ctx.log("l0", e + 1, gates.deterministic_model(), expected_l0=float(gates.expected_l0().detach()), **extra)
+        ctx.log("l0", e + 1, calibrated(gates.deterministic_model()), expected_l0=float(gates.expected_l0().detach()),
+                **extra)
 
     ctx.train(gates, gated_epochs, _l0_optimizer(ctx, gates), penalty=penalty, on_epoch=on_epoch,
               after_step=control)
     if control is None:
-        gates.fold_into(model)
+        calibrated(gates.fold_into(model))
     else:
         keep_most_open(gates, mcfg.target_weights)
-        ctx.log("project", gated_epochs, model)
+        ctx.log("project", gated_epochs, calibrated(model))
         ctx.train(model, mcfg.epochs - gated_epochs)
     ctx.log("final", mcfg.epochs, model)
     return model
