@@ -96,8 +96,9 @@ class Dist:
         True.  Such a rank runs the same passes on that row, so it learns the shapes of the
         sums it accumulates (hidden outputs, group reads), then must zero those sums before
         the collective: every rank enters the same collectives with tensors of the same
-        shape, and a rank without examples contributes zeros (a rank that returned early
-        instead would leave the others waiting in the collective until the timeout)."""
+        shape, and a rank without examples contributes zeros (``all_reduce_sum(...,
+        stand_in)``; a rank that returned early instead would leave the others waiting in
+        the collective until the timeout)."""
         parts = self.shard(*tensors)
         if parts and len(parts[0]) == 0 and len(tensors[0]) > 0:
             return tuple(t[:1] for t in tensors), True
@@ -110,9 +111,14 @@ class Dist:
         lo = self.rank * q + min(self.rank, r)
         return lo, lo + q + (self.rank < r)
 
-    def all_reduce_sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def all_reduce_sum(self, tensors: list[torch.Tensor], stand_in: bool = False) -> list[torch.Tensor]:
         """Sum every tensor across ranks, in place, in one collective (one flat buffer of
-        the first tensor's dtype and device); returns the tensors."""
+        the first tensor's dtype and device); returns the tensors.  ``stand_in``: this
+        rank's sums came from :meth:`shard_or_stand_in`'s stand-in row (it has no examples),
+        so it contributes zeros of their shapes."""
+        if stand_in:
+            for t in tensors:
+                t.zero_()
         if not self.active or not tensors:
             return tensors
         import torch.distributed as td

@@ -128,6 +128,7 @@ from ..graph import SparseGraph
 from ..graph.ir import Group, Slice
 from ..graph.units import current as current_group
 from ..graph.units import group_reads, member_indices
+from ..select import top_k
 from ..sparse import MaskedConv2d, keep_units
 from .registry import register_method
 
@@ -231,10 +232,7 @@ def mean_activations(model, X: torch.Tensor, chunk: int = 4096) -> list[torch.Te
                 x = inputs[i].index_select(1, s.indices().to(inputs[i].device)).double().sum(0)
                 sums[r] = x if sums[r] is None else sums[r] + x
     model.train(was_training)
-    if stand_in:  # this rank has no patterns: the stand-in row gave the shapes, it adds zeros
-        for t in sums:
-            t.zero_()
-    means = [t / n for t in current().all_reduce_sum(sums)]
+    means = [t / n for t in current().all_reduce_sum(sums, stand_in)]  # a rank without patterns adds zeros
     return [_conv_connection_means(model.layers[i], m) if isinstance(model.layers[i], MaskedConv2d) else m
             for (i, _), m in zip(reads, means)]
 
@@ -277,11 +275,10 @@ def insignificant(sig: torch.Tensor, threshold_scale: float = 1.0, min_neurons: 
         (n_h,) bool tensor, True = remove.
     """
     remove = sig < threshold_scale * sig.mean()
-    excess = int(remove.sum()) - (len(sig) - min(min_neurons, len(sig)))
-    if excess > 0:  # keep the most significant min_neurons
-        order = torch.sort(sig, stable=True).indices
+    most = len(sig) - min(min_neurons, len(sig))
+    if int(remove.sum()) > most:  # keep the most significant min_neurons
         remove = torch.zeros_like(remove)
-        remove[order[:len(sig) - min(min_neurons, len(sig))]] = True
+        remove[top_k(sig, most, largest=False)] = True
     return remove
 
 

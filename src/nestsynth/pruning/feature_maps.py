@@ -91,10 +91,7 @@ def feature_map_statistics(model, X: torch.Tensor, batch_size: int = 256) -> Fea
     model.train(was_training)
     if abs_sums is None:  # no data (on every rank: a rank with an empty part has a stand-in row)
         return FeatureMapStats(*([torch.zeros(l.out_features) for l in model.layers[:-1]] for _ in range(3)))
-    if stand_in:  # this rank has no images: the stand-in row gave the shapes, it adds zeros
-        for t in abs_sums + sums:
-            t.zero_()
-    current().all_reduce_sum(abs_sums + sums)
+    current().all_reduce_sum(abs_sums + sums, stand_in)  # a rank without images adds zeros
     abs_maps = [t / n for t in abs_sums]
     mean_maps = [t / n for t in sums]
     per_unit = lambda t: t.flatten(1).mean(1) if t.dim() == 3 else t  # (C, H', W') -> (C,)

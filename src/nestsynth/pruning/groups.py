@@ -80,11 +80,7 @@ def group_statistics(model, X: torch.Tensor, batch_size: int = 256) -> dict[tupl
                     acc[k][1] = per_unit if acc[k][1] is None else acc[k][1] + per_unit
     finally:
         model.train(was)
-    flat = [t for acc in sums.values() for pair in acc for t in pair]
-    if stand_in:  # this rank has no examples: the stand-in row gave the shapes, it adds zeros
-        for t in flat:
-            t.zero_()
-    distributed.current().all_reduce_sum(flat)
+    distributed.current().all_reduce_sum([t for acc in sums.values() for pair in acc for t in pair], stand_in)
     return {key: [ReadStats(m / n, a / n) for m, a in acc] for key, acc in sums.items()}
 
 
