@@ -98,15 +98,24 @@ def test_nest_distils_from_its_post_growth_network(digits):
         return original(model, epochs, **options)
 
     syn.ctx.train = spy
+    grown = {}
+    enter = syn._enter_pruning
+
+    def at_the_end_of_growth(val):  # the oracle: the network as growth leaves it
+        grown.update({k: v.detach().clone() for k, v in syn.model.state_dict().items()})
+        return enter(val)
+
+    syn._enter_pruning = at_the_end_of_growth
     model = syn.run()
     assert sum(layer.active_connections() for layer in model.layers) == 600
     phases = {phase for phase, _ in seen}
     assert {"growth", "pruning", "finetune"} <= phases
     assert all((obj is None) == (phase == "growth") for phase, obj in seen)
     teacher = syn._distill.teacher
-    post = syn.teacher["model"]
-    assert all(torch.equal(v, post[k]) for k, v in teacher.state_dict().items())
-    assert teacher.active_weights() == syn.state.weights["post_growth"]
+    state = teacher.state_dict()
+    assert grown and state.keys() == grown.keys() and all(torch.equal(state[k], grown[k]) for k in grown)
+    assert teacher.active_weights() == syn.state.weights["post_growth"] > 600
+    assert not any(torch.equal(state[k], v) for k, v in model.state_dict().items() if k.endswith("weight"))
 
 
 def test_distilled_resume_is_exact(digits, tmp_path):

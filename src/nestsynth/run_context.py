@@ -32,7 +32,8 @@ from .graph.network import SparseGraph
 from .metrics import activation_density, layer_table
 from .registry import CNNSpec, GraphSpec, ModelSpec
 from .sparse import SparseCNN, SparseMLP
-from .training import cosine_lr, epoch_steps, evaluate, make_optimizer, samples_per_epoch, train_epoch
+from .training import (cosine_lr, epoch_steps, evaluate, make_optimizer, recalibrate_batch_norm, samples_per_epoch,
+                       train_epoch)
 
 
 @dataclass
@@ -256,6 +257,15 @@ class RunContext:
             return self.X, self.y
         idx = torch.randperm(len(self.X), generator=self.generator)[:n].to(self.device)
         return self.X[idx], self.y[idx]
+
+    def calibrated(self, model, samples: int):
+        """``model`` with its batch norms' running statistics recomputed on the first
+        ``samples`` training inputs (:func:`~nestsynth.training.recalibrate_batch_norm`;
+        no draw from the run's generator, nothing done without batch norm): for a network
+        whose weights changed after its statistics were gathered, such as the test-time
+        view of a network trained under noisy L0 gates."""
+        recalibrate_batch_norm(model, self.X[:samples], self.cfg.train.eval_batch_size)
+        return model
 
     # ---- evaluation --------------------------------------------------------------
     def val_error(self, model) -> float:

@@ -50,7 +50,7 @@ from .graph.network import SparseGraph
 from .run_context import RunContext, RunRecord, is_graph_reference
 from .seeds import make_seed
 from .sparse import MaskedConv2d, append_units, model_from_arch, set_mask
-from .training import Distillation, NonFiniteLoss, make_optimizer, recalibrate_batch_norm
+from .training import Distillation, NonFiniteLoss, make_optimizer
 
 MAX_ROLLBACKS = 4
 MAP_SAMPLES = 2048  # examples on which feature-map candidates are compared (Policy 3)
@@ -110,8 +110,8 @@ class Synthesis:
         self.gates: L0Gates | None = None
         self.gate_control: L0SizeControl | None = None
         self.flops_control: FlopsControl | None = None  # and with pruning.target_flops its FLOP controller
-        self.teacher: dict | None = None  # pruning.distill: the post-growth network's state
-        self._distill: Distillation | None = None  # ... and the objective that fits its outputs
+        self._view = None  # the gated network's test-time view (:meth:`_gated_view`)
+        self._distill: Distillation | None = None  # pruning.distill: fits the post-growth network's outputs
         self._last: dict | None = None
         self._clock = time.monotonic()
 
@@ -208,9 +208,10 @@ class Synthesis:
         st.prune_start, st.prune_iterations = self._plan_pruning()
 
     def _set_teacher(self, snap: dict | None) -> None:
-        """``pruning.distill``: the frozen post-growth network whose outputs the pruning and
-        fine-tuning also fit (a deviation from the paper, which trains on the labels only)."""
-        self.teacher, self._distill = snap, None
+        """``pruning.distill``: the frozen post-growth network (``snap``: its :meth:`_model_state`)
+        whose outputs the pruning and fine-tuning also fit (a deviation from the paper, which
+        trains on the labels only)."""
+        self._distill = None
         if snap is not None:
             teacher = model_of_arch(snap["arch"]).to(self.ctx.device)
             teacher.load_state_dict(snap["model"])
@@ -337,24 +338,24 @@ class Synthesis:
         removed and Policy 1 grows back what their removal took (:meth:`_project_gates`)."""
         st, p = self.state, self.cfg.pruning
         t0 = time.monotonic()
+        row = {}
         if self.gates is None:
             # growth stopped below the target (a capped growth phase): Policy 1 grows the shortfall
             # first, at weight 0, so the gates start from the target size (they can only close)
-            grown = self._top_up(p.target_weights)
+            if grown := self._top_up(p.target_weights):
+                row["grown_connections"] = grown
             self._attach_gates(initial_log_alpha(self.model, G.DROPRATE, self.ctx.generator), G.LAM, 0)
-        else:
-            grown = 0
-        row = {"grown_connections": grown} if grown else {}
         if self.units.has_area:  # partial-area convolution goes on under the gates (scored on the gated net)
-            self._prune_area(self._score_data()[0], self._calibrated(self.gates.deterministic_model()))
+            self._prune_area(self._score_data()[0], self._gated_view())
             if self.flops_control is not None:
                 self.flops_control.refresh()  # a smaller area makes a weight cheaper
             row["pruned_area"] = self.area_removed
         window = (st.iteration * p.retrain_epochs, st.prune_iterations * p.retrain_epochs) \
             if p.lr_schedule == "phase" else None
+        self._view = None  # the area may have changed, and the gates train now
         loss = self._train(self.gates, p.retrain_epochs, f"pruning {st.iteration}", p.lr_scale, window=window,
                            penalty=self._gate_penalty, after_step=self._gate_controls)
-        gated = self._calibrated(self.gates.deterministic_model())
+        gated = self._gated_view()
         val = self.ctx.val_error(gated)
         extra = {"expected_l0": round(float(self.gates.expected_l0().detach()), 1), "lam": self.gate_control.lam,
                  "goal": self.gate_control.goal(self.gate_control.step)}
@@ -371,14 +372,16 @@ class Synthesis:
         self.accepted, st.accepted_val, st.kept_iteration = self._model_state(), val, st.iteration - 1
         self._end_pruning("target")
 
-    def _calibrated(self, model):
-        """``model`` with its batch norms' running statistics recomputed on the first
-        ``growth.score_samples`` training inputs (:func:`recalibrate_batch_norm`; no draw
-        from the run's generator, nothing done without batch norm).  A gated network trains
-        its statistics under noisy gates and is read with the test-time ones (without this,
-        ResNet-8/MNIST logged 19-38% validation error under the gates)."""
-        recalibrate_batch_norm(model, self.ctx.X[:self.cfg.growth.score_samples], self.cfg.train.eval_batch_size)
-        return model
+    def _gated_view(self):
+        """The gated network at its test-time gates (a folded copy) with batch-norm statistics
+        recomputed for them on the first ``growth.score_samples`` training inputs
+        (``ctx.calibrated``: a gated network trains its statistics under noisy gates; without
+        this ResNet-8/MNIST logged 19-38% validation error under the gates).  The view of an
+        iteration's end is kept for the next iteration's area scoring: nothing changes the
+        gates in between."""
+        if self._view is None:
+            self._view = self.ctx.calibrated(self.gates.deterministic_model(), self.cfg.growth.score_samples)
+        return self._view
 
     def _attach_gates(self, log_alpha: list[torch.Tensor], lam: float, step: int, flops: dict | None = None) -> None:
         """Gate the model (``pruning.criterion = "l0"``): the gates' parameters join the
@@ -387,6 +390,7 @@ class Synthesis:
         ``pruning.target_flops`` a FLOP controller too (``flops``: its saved state)."""
         p, st = self.cfg.pruning, self.state
         scale = theta_scale(G.LR_SCALE, self.cfg.train.optimizer)
+        self._view = None
         self.gates = L0Gates(self.model, log_alpha, BETA, scale, self.ctx.generator).to(self.ctx.device)
         self.optimizer.add_param_group({"params": list(self.gates.theta), "weight_decay": 0.0})
         steps = st.prune_iterations * p.retrain_epochs * self.ctx.steps_per_epoch()
@@ -420,8 +424,9 @@ class Synthesis:
         """
         target = self.cfg.pruning.target_weights
         keep_most_open(self.gates, target)
-        self._calibrated(self.model)  # unit removal and the grow-back's scan read the folded network
-        self.gates = self.gate_control = self.flops_control = None
+        # unit removal and the grow-back's scan read the folded network
+        self.ctx.calibrated(self.model, self.cfg.growth.score_samples)
+        self.gates = self.gate_control = self.flops_control = self._view = None
         self.optimizer = make_optimizer(self.model, self.cfg.train, self.state.lr_scale)
         units = self.units.prune()
         self._top_up(target)
@@ -653,9 +658,11 @@ class Synthesis:
                                                train_loss=loss, **extra))
 
     # ---- state, checkpoints, rollback --------------------------------------
-    def _model_state(self) -> dict:
-        return {"arch": self.model.arch(),
-                "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+    def _model_state(self, model=None) -> dict:
+        """Plain data of ``model`` (default: the loop's): its architecture and CPU tensors."""
+        model = self.model if model is None else model
+        return {"arch": model.arch(),
+                "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 
     def _load_model_state(self, snap: dict) -> None:
         self.model = model_of_arch(snap["arch"]).to(self.ctx.device)
@@ -674,7 +681,7 @@ class Synthesis:
                 "generator": self.ctx.generator.get_state(),
                 "accepted": self.accepted,
                 "gates": self._gate_state(),
-                "teacher": self.teacher,
+                "teacher": self._model_state(self._distill.teacher) if self._distill is not None else None,
                 "state": copy.deepcopy(st.__dict__)}
 
     def _save(self) -> None:

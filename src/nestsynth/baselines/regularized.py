@@ -143,7 +143,6 @@ from ..distributed import current
 from ..pruning import gates as G
 from ..pruning.gates import BETA, L0Gates, L0SizeControl, initial_log_alpha, keep_most_open, theta_scale
 from ..sparse import MaskedConv2d, SparseMLP, set_mask
-from ..training import recalibrate_batch_norm
 from .magnitude import steps_per_epoch
 from .registry import register_method
 
@@ -194,8 +193,8 @@ def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
     the size lam gives.)
 
     On a network with batch norm the running statistics, gathered under noisy gates, are
-    recomputed for the test-time gates (:func:`~nestsynth.training.recalibrate_batch_norm`
-    on the first ``CALIBRATION_SAMPLES`` training inputs) for every logged row and for the
+    recomputed for the test-time gates (``ctx.calibrated`` on the first
+    ``CALIBRATION_SAMPLES`` training inputs) for every logged row and for the
     folded network.
 
     Returns:
@@ -215,22 +214,18 @@ def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
     def penalty() -> torch.Tensor:
         return gates.penalty(control.lam if control else mcfg.lam, n_train, mcfg.weight_decay)
 
-    def calibrated(net):  # batch norms' statistics for the test-time gates (no-op without BN)
-        recalibrate_batch_norm(net, ctx.X[:CALIBRATION_SAMPLES], ctx.cfg.train.eval_batch_size)
-        return net
-
     def on_epoch(e: int) -> None:
         extra = {"lam": control.lam, "goal": control.goal(control.step)} if control else {}
-        ctx.log("l0", e + 1, calibrated(gates.deterministic_model()), expected_l0=float(gates.expected_l0().detach()),
-                **extra)
+        view = ctx.calibrated(gates.deterministic_model(), CALIBRATION_SAMPLES)
+        ctx.log("l0", e + 1, view, expected_l0=float(gates.expected_l0().detach()), **extra)
 
     ctx.train(gates, gated_epochs, _l0_optimizer(ctx, gates), penalty=penalty, on_epoch=on_epoch,
               after_step=control)
     if control is None:
-        calibrated(gates.fold_into(model))
+        ctx.calibrated(gates.fold_into(model), CALIBRATION_SAMPLES)
     else:
         keep_most_open(gates, mcfg.target_weights)
-        ctx.log("project", gated_epochs, calibrated(model))
+        ctx.log("project", gated_epochs, ctx.calibrated(model, CALIBRATION_SAMPLES))
         ctx.train(model, mcfg.epochs - gated_epochs)
     ctx.log("final", mcfg.epochs, model)
     return model
