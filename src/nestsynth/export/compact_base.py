@@ -230,6 +230,10 @@ class CompactNet(nn.Module):
     def storages(self) -> list[str]:
         return [layer.storage for layer in self.layers]
 
+    def specs(self) -> list[dict]:
+        """One plain record per layer (bench-infer's ``storage``)."""
+        return [layer.spec() for layer in self.layers]
+
     def with_layers(self, layers) -> "CompactNet":
         """The same network (inputs, meta) with other layers."""
         raise NotImplementedError

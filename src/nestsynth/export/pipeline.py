@@ -619,16 +619,11 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
         raise NestError(f"the run {str(run)!r} does not hold the model {str(artifact)!r} was exported from.")
     shape = compact.input_shape or src.input_shape or [compact.n_inputs]
     ref_widths = src.reference_widths
-    if graph:
-        reference, ref_model_flops, ref_bytes = dense_reference_graph(src)
+    if graph or src.is_cnn:
+        reference, ref_model_flops, ref_bytes = (dense_reference_graph if graph else dense_reference_cnn)(src)
         ref_flops = int((src.report.get("dense_reference") or {}).get("flops") or ref_model_flops)
-        masked_flops, masked_note = reference_flops(src.model), \
-            "SparseGraph: dense conv/matmul of W*mask, area masks, batch norm"
-    elif src.is_cnn:
-        reference, ref_model_flops, ref_bytes = dense_reference_cnn(src)
-        ref_flops = int((src.report.get("dense_reference") or {}).get("flops") or ref_model_flops)
-        masked_flops, masked_note = reference_flops(src.model), \
-            "SparseCNN: dense conv/matmul of W*mask, area masks, batch norm"
+        masked_flops = reference_flops(src.model)
+        masked_note = f"{type(src.model).__name__}: dense conv/matmul of W*mask, area masks, batch norm"
     else:
         reference = dense_reference_model(ref_widths, src.model.activation_specs, shape)
         ref_model_flops = ref_flops = dense_flops(ref_widths)
@@ -716,7 +711,7 @@ def bench_inference(artifact: str | Path, run: str | Path | None = None, onnx: s
                   "warmup": warmup,
                   "flops": {"dense_reference": ref_flops, "nonzero": nnz_flops,
                             "nonzero_ratio": ref_flops / max(nnz_flops, 1)},
-                  "storage": compact.specs() if graph else [layer.spec() for layer in compact.layers],
+                  "storage": compact.specs(),
                   "onnx": onnx_note, "ckernel": c_note, "variants": rows, "file_bytes": files, "deep_compression": deep,
                   "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                   "machine": platform.machine(), "processor": platform.processor()}}
