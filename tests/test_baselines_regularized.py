@@ -301,7 +301,7 @@ def test_sensitivity_end_to_end_on_digits(digits, variant, sgd_lr):
 
 
 @pytest.mark.parametrize("method,key,value", [
-    ("l0", "init_droprate", 1.0), ("l0", "lam", -1.0), ("l0", "temperature", 0.0),
+    ("l0", "init_droprate", 1.0), ("l0", "lam", -1.0), ("l0", "temperature", 0.0), ("l0", "target_release", 0.5),
     ("sensitivity", "variant", "both"), ("sensitivity", "lam", 1.0), ("sensitivity", "threshold", -0.1)])
 def test_config_rejects_out_of_range_values(method, key, value):
     with pytest.raises(NestError, match=f"methods.{method}.{key}"):
@@ -320,9 +320,18 @@ def test_l0_size_control_raises_lam_above_the_goal_and_lowers_it_below():
     ratio = float(open_.expected_l0().detach()) / ctl.goal(0)
     assert ctl.lam == pytest.approx(math.exp(0.1 * min(ratio - 1, 1.0)))
     shut = L0Gates(model, [torch.full(layer.weight.shape, -8.0) for layer in model.layers])
-    low = L0SizeControl(shut, 1.0, 10, steps=3, gain=0.1)
+    low = L0SizeControl(shut, 1.0, 10, steps=3, gain=0.1, release=1.0)
     low()  # every gate nearly shut: E[L0] << goal -> lam falls, by at most exp(-0.1)
     assert math.exp(-0.1) <= low.lam < 1.0
+    # below the goal lam falls release times as fast: exp(release * gain * (ratio - 1))
+    fast = L0SizeControl(shut, 1.0, 10, steps=3, gain=0.1, release=25.0)
+    fast()
+    ratio = float(shut.expected_l0().detach()) / fast.goal(0)
+    assert fast.lam == pytest.approx(math.exp(25.0 * 0.1 * (ratio - 1)))
+    assert fast.lam < low.lam ** 20
+    rise = L0SizeControl(open_, 1.0, 10, steps=3, gain=0.1, release=25.0)
+    rise()  # above the goal the release does not apply
+    assert rise.lam == pytest.approx(ctl.lam)
 
 
 def test_keep_most_open_keeps_exactly_the_largest_log_alpha():

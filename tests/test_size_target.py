@@ -374,6 +374,7 @@ def test_gate_penalty_prices_each_weight_by_its_cost():
                                         ({"rewire": 0.1}, "pruning.rewire"),
                                         ({"criterion": "taylor"}, "magnitude or l0"),
                                         ({"target_flops": -1}, ">= 0"),
+                                        ({"gate_release": 0.5}, "pruning.gate_release"),
                                         ({"criterion": "magnitude", "target_flops": 9000}, "pruning.target_flops")])
 def test_l0_criterion_refuses_what_it_cannot_do(bad, words):
     from nestsynth.errors import NestError

@@ -142,6 +142,7 @@ class PruningConfig:
     rewire: float = 0.0  # share of live connections dropped (smallest |W*|) and regrown (largest |dL/dw|) per iteration
     final_regrow: float = 0.0  # with target_weights: prune to (1 - r) of it, grow r back (Policy 1) before final_epochs
     criterion: str = "magnitude"  # magnitude: smallest |W*| (Policy 4); l0: learned hard-concrete gates (see README)
+    gate_release: float = 25.0  # criterion l0: below the size goal lam falls this many times faster than it rises (1: symmetric)
     target_flops: int = 0  # criterion l0: > 0 steers the gates' expected FLOPs (2 per MAC) down to this (see README)
     distill: float = 0.0  # > 0: pruning and fine-tuning also fit the post-growth network's outputs, with this weight (see README)
     distill_temperature: float = 4.0  # softmax temperature of that distillation loss
@@ -438,6 +439,7 @@ def validate(cfg: Config) -> None:
     _check(p.scope in ("layer", "global", "lamp", "erk"), "pruning.scope", p.scope, "layer, global, lamp or erk")
     _check(p.target_weights >= 0, "pruning.target_weights", p.target_weights, ">= 0 (0: no size target)")
     _check(p.budget_epochs >= 0, "pruning.budget_epochs", p.budget_epochs, ">= 0 (0: no budget)")
+    _check(p.gate_release >= 1, "pruning.gate_release", p.gate_release, ">= 1")
     _check(0 < p.schedule_share <= 1, "pruning.schedule_share", p.schedule_share, "in (0, 1]")
     _check(p.lr_schedule in ("cycle", "phase"), "pruning.lr_schedule", p.lr_schedule, "cycle or phase")
     _check(p.guard in ("warn", "stop"), "pruning.guard", p.guard, "warn or stop")

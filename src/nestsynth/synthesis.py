@@ -394,7 +394,8 @@ class Synthesis:
         self.gates = L0Gates(self.model, log_alpha, BETA, scale, self.ctx.generator).to(self.ctx.device)
         self.optimizer.add_param_group({"params": list(self.gates.theta), "weight_decay": 0.0})
         steps = st.prune_iterations * p.retrain_epochs * self.ctx.steps_per_epoch()
-        self.gate_control = L0SizeControl(self.gates, lam, p.target_weights, steps, G.GAIN, p.schedule_share)
+        self.gate_control = L0SizeControl(self.gates, lam, p.target_weights, steps, G.GAIN, p.schedule_share,
+                                          p.gate_release)
         self.gate_control.step = step
         self.flops_control = FlopsControl(self.gates, p.target_flops, steps, G.FLOPS_GAIN, p.schedule_share,
                                           **(flops or {})) if p.target_flops > 0 else None

@@ -159,11 +159,13 @@ class L0Config:
     weight_decay: float = 0.0  # gate-weighted L2 (the paper's prior precision); 0 = off
     target_weights: int = 0  # > 0: lam is steered so the test-time gates keep this many weights (see run_l0)
     target_gain: float = G.GAIN  # with target_weights: lam *= exp(gain * clip(expected / goal - 1, -1, 1)) per step
+    target_release: float = G.RELEASE  # with target_weights: below the goal lam falls this many times faster (1: symmetric)
 
     def validate(self, prefix: str) -> None:
         check(self.lam >= 0, f"{prefix}.lam", self.lam, "non-negative")
         check(self.target_weights >= 0, f"{prefix}.target_weights", self.target_weights, ">= 0 (0: lam decides)")
         check(self.target_gain > 0, f"{prefix}.target_gain", self.target_gain, "positive")
+        check(self.target_release >= 1, f"{prefix}.target_release", self.target_release, ">= 1")
         check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, ">= 1")
         check(0 < self.init_droprate < 1, f"{prefix}.init_droprate", self.init_droprate, "in (0, 1)")
         check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "positive")
@@ -209,7 +211,7 @@ def run_l0(ctx, mcfg: L0Config) -> SparseMLP:
     if mcfg.target_weights > 0:
         gated_epochs = mcfg.epochs - max(1, round(mcfg.epochs / 10)) if mcfg.epochs > 1 else mcfg.epochs
         control = L0SizeControl(gates, mcfg.lam, mcfg.target_weights, gated_epochs * steps_per_epoch(ctx),
-                                mcfg.target_gain)
+                                mcfg.target_gain, release=mcfg.target_release)
 
     def penalty() -> torch.Tensor:
         return gates.penalty(control.lam if control else mcfg.lam, n_train, mcfg.weight_decay)
