@@ -352,3 +352,27 @@ def test_keep_most_open_keeps_exactly_the_largest_log_alpha():
         expected = torch.where(z > 0, w * z, w) * layer.mask
         assert torch.allclose(layer.weight.detach(), expected)
     assert sum(int(layer.mask.sum()) for layer in model.layers) == 7
+
+
+def test_the_configured_release_reaches_both_size_controllers(digits, monkeypatch):
+    import nestsynth.baselines.regularized as regularized
+    import nestsynth.synthesis as synthesis
+    from nestsynth.config import PruningConfig
+    from nestsynth.pruning import gates as G
+    from test_size_target import _l0_cfg, _run
+
+    # config.py imports nothing from the methods, so its default is a literal: it must equal RELEASE
+    assert PruningConfig().gate_release == regularized.L0Config().target_release == G.RELEASE
+    seen = []
+
+    class Recorder(G.L0SizeControl):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.release)
+
+    monkeypatch.setattr(regularized, "L0SizeControl", Recorder)
+    monkeypatch.setattr(synthesis, "L0SizeControl", Recorder)
+    ctx = _context(digits, "l0", {"epochs": 2, "target_weights": 300, "target_release": 3.0})
+    regularized.run_l0(ctx, ctx.cfg.methods.l0)
+    _run(_l0_cfg(gate_release=7.0), digits)
+    assert seen == [3.0, 7.0]
