@@ -65,23 +65,15 @@ def merge_curves(kept_csv: str, out: Path, results: Path, argv: str, kept_md: st
     """Rows of an earlier curves.csv that this run did not produce, joined to this run's
     rows; curves.csv/md/png of ``results`` redrawn from all of them (with the settings
     notes of both runs' curves.md)."""
-    import csv
-    import io
+    from nestsynth.report.curves import format_curves_csv, format_curves_markdown, plot_curves, read_curves_csv
 
-    from nestsynth.report.curves import format_curves_csv, format_curves_markdown, plot_curves
-
-    def read(text):
-        return list(csv.DictReader(io.StringIO(text)))
-
-    new = read((out / "curves.csv").read_text())
+    new = read_curves_csv((out / "curves.csv").read_text())
     done = {(r["method"], r["size"], r["seed"]) for r in new}
-    old = [r for r in read(kept_csv) if (r["method"], r["size"], r["seed"]) not in done]
-    order = list(dict.fromkeys(r["method"] for r in read(kept_csv) + new))
-    rows = sorted(new + old, key=lambda r: (order.index(r["method"]), int(r["size"] or 0), int(r["seed"])))
-    for r in rows:  # the csv gives strings; the tables want numbers (no size: the dense run)
-        for k, v in r.items():
-            if k not in ("method", "run_dir"):
-                r[k] = None if v in ("", None) else float(v) if any(c in v for c in ".e") else int(v)
+    kept = read_curves_csv(kept_csv)
+    old = [r for r in kept if (r["method"], r["size"], r["seed"]) not in done]
+    order = list(dict.fromkeys(r["method"] for r in kept + new))
+    rows = sorted(new + old, key=lambda r: (order.index(r["method"]), r["size"] is not None, r["size"] or 0,
+                                            r["seed"] if r["seed"] is not None else -1))
     md = (out / "curves.md").read_text()
     notes = [line for line in md.splitlines() if line.startswith("- ")]
     notes += [line for line in kept_md.splitlines() if line.startswith("- **")

@@ -104,3 +104,62 @@ def test_first_seed_adds_seeds_to_an_earlier_run(tmp_path):
     assert 'seed = 2' in (out / "seed_net.ratio=0.3" / "seed2" / "config.toml").read_text()
     rc, _, err = _call(["sweep", "--values", "seed_net.ratio=0.3", "--first-seed", "-1", "--out", str(out), *TINY])
     assert rc == 2 and "--first-seed must be 0 or more" in _one_error_line(err)
+
+
+def _curve_rows():
+    return [
+        {"method": "nest", "size": 3000, "seed": 0, "weights": 3000, "flops": 6000, "flops_act": 4697,
+         "test_error": 0.0209, "val_error": 0.0216, "epochs": 60, "seconds": 512.5, "run_dir": "nest/size3000/seed0"},
+        {"method": "dense", "size": None, "seed": 1, "weights": 266200, "flops": 532400, "flops_act": 400000,
+         "test_error": float("nan"), "val_error": None, "epochs": 60, "seconds": 1e3, "run_dir": "dense/seed1"},
+    ]
+
+
+def test_read_curves_csv_round_trips_the_written_types():
+    import math
+
+    from nestsynth.report.curves import format_curves_csv, read_curves_csv
+
+    rows = read_curves_csv(format_curves_csv(_curve_rows()))
+    assert rows[0] == _curve_rows()[0]
+    assert type(rows[0]["size"]) is int and type(rows[0]["seconds"]) is float
+    dense = rows[1]
+    assert dense["size"] is None and dense["val_error"] is None and math.isnan(dense["test_error"])
+    assert dense["seconds"] == 1000.0 and dense["weights"] == 266200
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace(",run_dir", ""), "lacks the column(s) run_dir"),
+    (lambda t: t.replace(",3000,0,3000,", ",3000,0,3k,"), "line 2: weights is '3k', not an integer"),
+    (lambda t: t.replace("0.0209", "low"), "line 2: test_error is 'low', not a number"),
+])
+def test_read_curves_csv_names_what_is_wrong(edit, message):
+    from nestsynth.report.curves import format_curves_csv, read_curves_csv
+
+    with pytest.raises(ValueError) as err:
+        read_curves_csv(edit(format_curves_csv(_curve_rows())))
+    assert message in str(err.value)
+
+
+def test_merge_curves_keeps_earlier_rows_and_sorts_them(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from nestsynth.report.curves import format_curves_csv, format_curves_markdown, read_curves_csv
+
+    spec = importlib.util.spec_from_file_location("bench_curves", Path(__file__).parents[1] / "bench" / "curves.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    first = _curve_rows()[0]
+    later = [dict(first, seed=2, test_error=0.0195, run_dir="nest/size3000/seed2"),
+             dict(first, seed=1, test_error=0.0208, run_dir="nest/size3000/seed1")]
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir(), results.mkdir()
+    (out / "curves.csv").write_text(format_curves_csv(later))
+    (out / "curves.md").write_text(format_curves_markdown(later, "t", ["- **nest**: later"]))
+    bench.merge_curves(format_curves_csv([first]), out, results, "--merge", "- **nest**: first")
+    rows = read_curves_csv((results / "curves.csv").read_text())
+    assert [r["seed"] for r in rows] == [0, 1, 2]
+    assert [r["test_error"] for r in rows] == [0.0209, 0.0208, 0.0195]
+    md = (results / "curves.md").read_text()
+    assert "1 rows kept" in md and "2.04 ± 0.08" in md

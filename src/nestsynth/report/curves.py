@@ -30,6 +30,41 @@ def format_curves_csv(rows: list[dict]) -> str:
     return format_csv(rows, CURVE_FIELDS)
 
 
+_CURVE_INTS = ("size", "seed", "weights", "flops", "flops_act", "epochs")
+_CURVE_TEXT = ("method", "run_dir")
+
+
+def read_curves_csv(text: str) -> list[dict]:
+    """The rows of a curves.csv written by :func:`format_curves_csv`, typed as written:
+    ints for sizes, seeds, weights, FLOPs and epochs, floats for errors and seconds, None
+    for an empty cell (the dense run has no size). A missing column or a cell that is not
+    a number raises ValueError naming the line."""
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [f for f in CURVE_FIELDS if f not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"curves.csv lacks the column(s) {', '.join(missing)}")
+    rows = []
+    for line, raw in enumerate(reader, start=2):
+        row = {}
+        for key in CURVE_FIELDS:
+            value = (raw.get(key) or "").strip()
+            if key in _CURVE_TEXT:
+                row[key] = value
+            elif not value:
+                row[key] = None
+            else:
+                try:
+                    row[key] = int(value) if key in _CURVE_INTS else float(value)
+                except ValueError:
+                    kind = "an integer" if key in _CURVE_INTS else "a number"
+                    raise ValueError(f"curves.csv line {line}: {key} is {value!r}, not {kind}") from None
+        rows.append(row)
+    return rows
+
+
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     """Rows grouped by (method, size), methods in first-seen order, sizes ascending."""
     groups: dict[tuple, list[dict]] = {}
