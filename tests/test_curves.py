@@ -106,6 +106,17 @@ def test_first_seed_adds_seeds_to_an_earlier_run(tmp_path):
     assert rc == 2 and "--first-seed must be 0 or more" in _one_error_line(err)
 
 
+def _bench(name):
+    """A script of bench/ as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _curve_rows():
     return [
         {"method": "nest", "size": 3000, "seed": 0, "weights": 3000, "flops": 6000, "flops_act": 4697,
@@ -142,14 +153,9 @@ def test_read_curves_csv_names_what_is_wrong(edit, message):
 
 
 def test_merge_curves_keeps_earlier_rows_and_sorts_them(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
     from nestsynth.report.curves import format_curves_csv, format_curves_markdown, read_curves_csv
 
-    spec = importlib.util.spec_from_file_location("bench_curves", Path(__file__).parents[1] / "bench" / "curves.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("curves")
     first = _curve_rows()[0]
     later = [dict(first, seed=2, test_error=0.0195, run_dir="nest/size3000/seed2"),
              dict(first, seed=1, test_error=0.0208, run_dir="nest/size3000/seed1")]
@@ -163,3 +169,51 @@ def test_merge_curves_keeps_earlier_rows_and_sorts_them(tmp_path):
     assert [r["test_error"] for r in rows] == [0.0209, 0.0208, 0.0195]
     md = (results / "curves.md").read_text()
     assert "1 rows kept" in md and "2.04 ± 0.08" in md
+
+
+def test_join_curves_later_sources_replace_rows_of_the_same_run(tmp_path, monkeypatch):
+    from nestsynth.report.curves import format_curves_csv, read_curves_csv
+
+    bench = _bench("join_curves")
+    nest, dense = _curve_rows()
+    old = [dict(nest, seed=s, test_error=0.03) for s in (0, 1)] + [dict(nest, size=8000, seed=0), dense]
+    new = [dict(nest, seed=1, test_error=0.02), dict(nest, method="l0", seed=0)]
+    rows, kept = bench.join([old, new])
+    assert kept == [3, 2]
+    assert [(r["method"], r["size"], r["seed"], r["test_error"]) for r in rows][:4] == [
+        ("nest", 3000, 0, 0.03), ("nest", 3000, 1, 0.02), ("nest", 8000, 0, 0.0209), ("dense", None, 1, rows[3]["test_error"])]
+    assert rows[4]["method"] == "l0"
+    # the script: reads committed folders, writes the joined csv, refuses a missing source in one line
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    for name, table in (("a", old), ("b", new)):
+        (tmp_path / "bench" / "results" / name).mkdir(parents=True)
+        (tmp_path / "bench" / "results" / name / "curves.csv").write_text(format_curves_csv(table))
+    assert bench.main(["--name", "ab", "a", "b"]) == 0
+    assert len(read_curves_csv((tmp_path / "bench" / "results" / "ab" / "curves.csv").read_text())) == 5
+    assert "3 of the 4 rows of `a`" in (tmp_path / "bench" / "results" / "ab" / "curves.md").read_text()
+    assert bench.main(["--name", "x", "a", "missing"]) == 2
+
+
+def test_join_curves_collects_the_finished_runs_of_a_cut_off_compare(tmp_path, monkeypatch):
+    import json
+
+    from nestsynth.report.curves import read_curves_csv
+
+    bench = _bench("join_curves")
+    runs = tmp_path / "cut"
+    for rel, method, seed, err in (("nest/size3000/seed1", "nest", 1, 0.021), ("l0/size8000/seed0", "l0", 0, 0.013),
+                                   ("dense/seed0", "dense", 0, 0.016)):
+        (runs / rel).mkdir(parents=True)
+        (runs / rel / "report.json").write_text(json.dumps({
+            "method": method, "seed": seed, "test_error": err, "val_error": err + 0.001, "wall_seconds": 9.5,
+            "weights": {"final": 2990}, "flops": {"final": 5980, "final_act": 4000}, "budget": {"epochs": 60}}))
+    (runs / "nest" / "size5000" / "seed0").mkdir(parents=True)  # cut off: no report.json
+    rows = bench.rows_of_runs(runs)
+    assert [(r["method"], r["size"], r["seed"], r["test_error"], r["epochs"], r["run_dir"]) for r in rows] == [
+        ("dense", None, 0, 0.016, 60, "dense/seed0"), ("l0", 8000, 0, 0.013, 60, "l0/size8000/seed0"),
+        ("nest", 3000, 1, 0.021, 60, "nest/size3000/seed1")]
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    assert bench.main(["--name", "joined", str(runs)]) == 0
+    assert len(read_curves_csv((tmp_path / "bench" / "results" / "joined" / "curves.csv").read_text())) == 3
+    (tmp_path / "empty").mkdir()
+    assert bench.main(["--name", "x", str(tmp_path / "empty")]) == 2
