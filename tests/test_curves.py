@@ -47,6 +47,31 @@ def test_compare_sizes_one_row_per_run_at_its_size_and_resumes(tmp_path):
     assert rc == 0 and text.count("reused") == len(rows) and _rows(out / "curves.csv") == rows
 
 
+def test_an_interrupted_compare_writes_the_curves_of_its_finished_runs(tmp_path, monkeypatch):
+    from nestsynth.baselines import compare
+
+    real, calls = compare._run_job, []
+
+    def second_run_interrupted(job, data_dir, threads):
+        calls.append(job.label)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C, or SIGTERM through the CLI's handler
+        return real(job, data_dir, threads)
+
+    monkeypatch.setattr(compare, "_run_job", second_run_interrupted)
+    out = tmp_path / "cut"
+    argv = ["compare", "--methods", "gradual", "--sizes", "300,700", "--epochs", "2", "--seeds", "1",
+            "--out", str(out), *TINY]
+    rc, _, err = _call(argv)
+    assert rc == 130 and "the same command" in err
+    rows = _rows(out / "curves.csv")
+    assert [(r["method"], r["size"]) for r in rows] == [("gradual", "300")]
+    assert "1 of 2 runs did not finish" in (out / "curves.md").read_text()
+    monkeypatch.setattr(compare, "_run_job", real)
+    rc, text, _ = _call(argv)  # the same command reuses the finished run and runs the other
+    assert rc == 0 and text.count("reused") == 1 and len(_rows(out / "curves.csv")) == 2
+
+
 def test_size_overrides_per_method():
     base = C.Config()
     assert size_overrides("nest", 500, 1000, 60, base) == {"pruning": {"target_weights": 500, "budget_epochs": 60},

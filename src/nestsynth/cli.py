@@ -437,9 +437,11 @@ def _dense_weights(base) -> int:
     return resolve_reference(base.model, data).dense_weights()
 
 
-def _run_batch(jobs, args, out: Path, device: str):
+def _run_batch(jobs, args, out: Path, device: str, write=None):
     """Run the jobs (under torchrun: all processes share each run, one run after another);
-    returns (finished, failures), on processes other than rank 0 (which write nothing) None."""
+    returns (finished, failures), on processes other than rank 0 (which write nothing) None.
+    ``write(finished, failures)`` (the tables of the batch; returns their paths) is called on
+    an interrupt too, with the runs finished so far, before the process exits with 130."""
     from .baselines.compare import run_all
 
     dist = distributed.init_from_env(device)
@@ -449,9 +451,16 @@ def _run_batch(jobs, args, out: Path, device: str):
     try:
         result = run_all(jobs, None, args.jobs, args.threads, tell=print if dist.is_main else lambda line: None)
         return result if dist.is_main else None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if dist.is_main:
-            print(f"\ninterrupted: finished runs are kept in {out}; run the same command to continue",
+            finished = getattr(exc, "finished", [])
+            if write is not None and finished:
+                missing = len(jobs) - len(finished) - len(getattr(exc, "failures", []))
+                paths = write(finished, [*exc.failures, f"{missing} of {len(jobs)} runs did not finish "
+                                         "(stopped; the same command continues them)"])
+                print(f"\nwrote the tables of the {len(finished)} finished runs: {', '.join(map(str, paths))}",
+                      file=sys.stderr)
+            print(f"\n{_stop_word()}: finished runs are kept in {out}; run the same command to continue",
                   file=sys.stderr)
         raise SystemExit(130) from None
 
@@ -480,15 +489,14 @@ def cmd_compare(args) -> int:
     jobs = plan(base, methods, list(range(args.first_seed, args.first_seed + args.seeds)), out, sizes, args.epochs, dense)
     title = args.title or f"{base.model} on {base.data.dataset}: {args.seeds} seeds per method" + \
         (f", {args.epochs} epochs per run" if args.epochs else "")
-    batch = _run_batch(jobs, args, out, base.device)
+    write = (lambda done, failed: write_curves(done, jobs, out, title, failed)) if sizes else \
+        (lambda done, failed: write_comparison(done, jobs, out, title, failed))
+    batch = _run_batch(jobs, args, out, base.device, write)
     if batch is None:
         return 0
     finished, failures = batch
-    if sizes:
-        paths = write_curves(finished, jobs, out, title, failures)
-        return _report_batch(paths, failures, len(jobs), paths[1])
-    paths = write_comparison(finished, jobs, out, title, failures)
-    return _report_batch(paths, failures, len(jobs), paths[0])
+    paths = write(finished, failures)
+    return _report_batch(paths, failures, len(jobs), paths[1] if sizes else paths[0])
 
 
 def cmd_sweep(args) -> int:
@@ -502,11 +510,12 @@ def cmd_sweep(args) -> int:
     base = _batch_base(args)
     out = Path(args.out) if args.out else Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"sweep_{key}")
     jobs = plan_sweep(base, key, values, list(range(args.first_seed, args.first_seed + args.seeds)), out)
-    batch = _run_batch(jobs, args, out, base.device)
+    title = args.title or f"{base.model} on {base.data.dataset}: {key} sweep, {args.seeds} seeds"
+    batch = _run_batch(jobs, args, out, base.device,
+                       lambda done, failed: write_sweep(done, jobs, key, out, title, failed))
     if batch is None:
         return 0
     finished, failures = batch
-    title = args.title or f"{base.model} on {base.data.dataset}: {key} sweep, {args.seeds} seeds"
     paths = write_sweep(finished, jobs, key, out, title, failures)
     return _report_batch(paths, failures, len(jobs), paths[0])
 

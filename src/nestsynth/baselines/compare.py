@@ -218,8 +218,20 @@ def _run_job(job: Job, data_dir: str | None, threads: int) -> dict:
 def run_all(jobs: list[Job], data_dir: str | None = None, workers: int = 1, threads: int = 0,
             tell=print) -> tuple[list[tuple[Job, dict]], list[str]]:
     """Run the jobs (``workers`` processes at a time); returns ((job, report) of every
-    finished job in job order, failures)."""
+    finished job in job order, failures). An interrupt (KeyboardInterrupt) propagates with
+    the jobs finished so far and the failures attached as ``finished`` and ``failures``."""
     reports, failures = {}, []
+    try:
+        _run_jobs(jobs, data_dir, workers, threads, tell, reports, failures)
+    except KeyboardInterrupt as exc:
+        exc.finished = [(j, reports[j.key]) for j in jobs if j.key in reports]
+        exc.failures = failures
+        raise
+    return [(j, reports[j.key]) for j in jobs if j.key in reports], failures
+
+
+def _run_jobs(jobs: list[Job], data_dir: str | None, workers: int, threads: int, tell,
+              reports: dict, failures: list[str]) -> None:
 
     def done(job, result=None, error=None):
         if error is not None:
@@ -240,14 +252,25 @@ def run_all(jobs: list[Job], data_dir: str | None = None, workers: int = 1, thre
                 done(job, error=str(exc))
     else:
         import multiprocessing as mp
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        try:
             futures = {pool.submit(_run_job, job, data_dir, threads or 1): job for job in jobs}
             for fut in as_completed(futures):
                 try:
                     done(futures[fut], fut.result())
                 except NestError as exc:
                     done(futures[fut], error=str(exc))
-    return [(j, reports[j.key]) for j in jobs if j.key in reports], failures
+        except KeyboardInterrupt:
+            # a signal to this process alone (SIGTERM from a scheduler) would otherwise wait for the
+            # running runs and start the queued ones: stop them (each keeps its last checkpoint)
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.join(10)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
 
 
 def write_comparison(finished: list[tuple[Job, dict]], jobs: list[Job], out: Path, title: str,
