@@ -6,7 +6,8 @@
 Each source is a folder under bench/results holding a curves.csv written by bench/curves.py,
 or the output folder of a ``compare --sizes`` that was cut off before it wrote its curves.csv
 (``METHOD/sizeN/seedK/report.json`` of the runs that finished; a path that is not under
-bench/results).
+bench/results): its runs' report.json, metrics.jsonl and config.toml are copied to
+bench/results/NAME/runs/FOLDER/, as bench/curves.py keeps those of its runs.
 A row of a later source replaces the row of an earlier one with the same method, size and
 seed (so a rerun of some sizes with a changed default replaces the old runs and keeps the
 rest); the joined rows are written to bench/results/NAME/curves.csv, .md and .png. Nothing is
@@ -94,9 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(rows)
         titles.append(title)
     rows, kept = join(tables)
+    out = results / args.name
+    for name in args.sources:  # a folder of runs: keep its reports beside the joined curve
+        if not (results / name / "curves.csv").is_file():
+            for f in sorted(Path(name).glob("*/*/report.json")) + sorted(Path(name).glob("*/size*/*/report.json")):
+                for src in (f, f.parent / "metrics.jsonl", f.parent / "config.toml"):
+                    if src.is_file():
+                        dest = out / "runs" / Path(name).name / src.relative_to(name)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        dest.write_bytes(src.read_bytes())
     title = args.title or titles[0] or "curves"
     notes = [f"- {n} of the {len(t)} rows of `{s}`" for s, t, n in zip(args.sources, tables, kept)]
-    out = results / args.name
     out.mkdir(parents=True, exist_ok=True)
     header = f"<!-- joined: python bench/join_curves.py {' '.join(sys.argv[1:] if argv is None else argv)} -->\n\n"
     (out / "curves.csv").write_text(format_curves_csv(rows))

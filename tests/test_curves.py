@@ -240,5 +240,7 @@ def test_join_curves_collects_the_finished_runs_of_a_cut_off_compare(tmp_path, m
     monkeypatch.setattr(bench, "ROOT", tmp_path)
     assert bench.main(["--name", "joined", str(runs)]) == 0
     assert len(read_curves_csv((tmp_path / "bench" / "results" / "joined" / "curves.csv").read_text())) == 3
+    kept = tmp_path / "bench" / "results" / "joined" / "runs" / "cut" / "nest" / "size3000" / "seed1" / "report.json"
+    assert kept.read_text() == (runs / "nest" / "size3000" / "seed1" / "report.json").read_text()
     (tmp_path / "empty").mkdir()
     assert bench.main(["--name", "x", str(tmp_path / "empty")]) == 2
