@@ -65,20 +65,15 @@ def merge_curves(kept_csv: str, out: Path, results: Path, argv: str, kept_md: st
     """Rows of an earlier curves.csv that this run did not produce, joined to this run's
     rows; curves.csv/md/png of ``results`` redrawn from all of them (with the settings
     notes of both runs' curves.md)."""
-    from nestsynth.report.curves import format_curves_csv, format_curves_markdown, plot_curves, read_curves_csv
+    from nestsynth.report.curves import (format_curves_csv, format_curves_markdown, join_curve_rows, plot_curves,
+                                         read_curves_csv)
 
-    new = read_curves_csv((out / "curves.csv").read_text())
-    done = {(r["method"], r["size"], r["seed"]) for r in new}
-    kept = read_curves_csv(kept_csv)
-    old = [r for r in kept if (r["method"], r["size"], r["seed"]) not in done]
-    order = list(dict.fromkeys(r["method"] for r in kept + new))
-    rows = sorted(new + old, key=lambda r: (order.index(r["method"]), r["size"] is not None, r["size"] or 0,
-                                            r["seed"] if r["seed"] is not None else -1))
+    rows, (n_old, _) = join_curve_rows([read_curves_csv(kept_csv), read_curves_csv((out / "curves.csv").read_text())])
     md = (out / "curves.md").read_text()
     notes = [line for line in md.splitlines() if line.startswith("- ")]
     notes += [line for line in kept_md.splitlines() if line.startswith("- **")
               and not any(n.split(":")[0] == line.split(":")[0] for n in notes)]
-    notes.append(f"- {len(old)} rows kept from the earlier curves.csv (runs not repeated by this invocation)")
+    notes.append(f"- {n_old} rows kept from the earlier curves.csv (runs not repeated by this invocation)")
     title = next((line[2:] for line in md.splitlines() if line.startswith("# ")), "curves")
     header = f"<!-- merged: python bench/curves.py {argv} joined to the earlier rows -->\n\n"
     (results / "curves.csv").write_text(format_curves_csv(rows))

@@ -20,7 +20,6 @@ timeout 120 python3 -m pytest -q -x tests/test_distributed.py -k cuda -p no:cach
 D=.mnist
 L300=configs/lenet-300-100-mnist-sized.toml
 L5=configs/lenet-5-mnist-sized.toml
-cmp() { python3 -m nestsynth.cli compare --data-dir $D --threads 1 "$@"; }
 for g in 4 12; do
   timeout $LIMIT python3 -m nestsynth.cli compare --data-dir $D --threads 1 --config $L300 --methods nest \
     --sizes 3000 --epochs 60 --seeds 3 --jobs 3 --device cpu --out runs/ablation_gates_growth$g \

@@ -24,21 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def join(sources: list[list[dict]]) -> tuple[list[dict], list[int]]:
-    """Rows keyed by (method, size, seed), later sources winning; methods in first-seen order,
-    then size (dense first) and seed. Also how many rows of each source survived."""
-    rows: dict[tuple, tuple[int, dict]] = {}
-    for i, source in enumerate(sources):
-        for r in source:
-            rows[(r["method"], r["size"], r["seed"])] = (i, r)
-    order = list(dict.fromkeys(r["method"] for source in sources for r in source))
-    kept = [0] * len(sources)
-    for i, _ in rows.values():
-        kept[i] += 1
-    joined = sorted((r for _, r in rows.values()),
-                    key=lambda r: (order.index(r["method"]), r["size"] is not None, r["size"] or 0,
-                                   r["seed"] if r["seed"] is not None else -1))
-    return joined, kept
+def _run_reports(folder: Path) -> list[tuple[Path, int | None]]:
+    """(report.json, target size) of every finished run of a compare output folder:
+    ``METHOD/sizeN/seedK``, and ``dense/seedK`` (no size), in path order."""
+    reports = [(r, None) for r in sorted(folder.glob("dense/*/report.json"))]
+    return reports + [(r, int(r.parent.parent.name[4:])) for r in sorted(folder.glob("*/size*/*/report.json"))]
 
 
 def rows_of_runs(folder: Path) -> list[dict]:
@@ -48,15 +38,13 @@ def rows_of_runs(folder: Path) -> list[dict]:
 
     from nestsynth.report.curves import curve_row
 
-    rows = []
-    for report in sorted(folder.glob("*/*/report.json")) + sorted(folder.glob("*/size*/*/report.json")):
-        run = report.parent
-        size = run.parent.name[4:] if run.parent.name.startswith("size") else None
-        if size is None and run.parent.name != "dense":
-            continue
-        rows.append(curve_row(json.loads(report.read_text()), int(size) if size else None,
-                              str(run.relative_to(folder))))
-    return rows
+    return [curve_row(json.loads(report.read_text()), size, str(report.parent.relative_to(folder)))
+            for report, size in _run_reports(folder)]
+
+
+def _runs_folder(results: Path, name: str) -> Path | None:
+    """The folder of runs a source names, or None for a results folder with a curves.csv."""
+    return Path(name) if not (results / name / "curves.csv").is_file() and Path(name).is_dir() else None
 
 
 def _read_source(results: Path, name: str) -> tuple[list[dict], str]:
@@ -64,7 +52,7 @@ def _read_source(results: Path, name: str) -> tuple[list[dict], str]:
     from nestsynth.report.curves import read_curves_csv
 
     folder = results / name
-    if not (folder / "curves.csv").is_file() and Path(name).is_dir():
+    if _runs_folder(results, name) is not None:
         rows = rows_of_runs(Path(name))
         if not rows:
             raise ValueError("no finished run (METHOD/sizeN/seedK/report.json) in it")
@@ -77,7 +65,7 @@ def _read_source(results: Path, name: str) -> tuple[list[dict], str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nestsynth.report.curves import format_curves_csv, format_curves_markdown, plot_curves
+    from nestsynth.report.curves import format_curves_csv, format_curves_markdown, join_curve_rows, plot_curves
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="output folder under bench/results")
@@ -94,16 +82,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         tables.append(rows)
         titles.append(title)
-    rows, kept = join(tables)
+    rows, kept = join_curve_rows(tables)
     out = results / args.name
     for name in args.sources:  # a folder of runs: keep its reports beside the joined curve
-        if not (results / name / "curves.csv").is_file():
-            for f in sorted(Path(name).glob("*/*/report.json")) + sorted(Path(name).glob("*/size*/*/report.json")):
-                for src in (f, f.parent / "metrics.jsonl", f.parent / "config.toml"):
-                    if src.is_file():
-                        dest = out / "runs" / Path(name).name / src.relative_to(name)
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        dest.write_bytes(src.read_bytes())
+        folder = _runs_folder(results, name)
+        for report, _ in _run_reports(folder) if folder is not None else []:
+            for src in (report, report.parent / "metrics.jsonl", report.parent / "config.toml"):
+                if src.is_file():
+                    dest = out / "runs" / folder.name / src.relative_to(folder)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(src.read_bytes())
     title = args.title or titles[0] or "curves"
     notes = [f"- {n} of the {len(t)} rows of `{s}`" for s, t, n in zip(args.sources, tables, kept)]
     out.mkdir(parents=True, exist_ok=True)

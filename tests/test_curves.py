@@ -72,6 +72,28 @@ def test_an_interrupted_compare_writes_the_curves_of_its_finished_runs(tmp_path,
     assert rc == 0 and text.count("reused") == 1 and len(_rows(out / "curves.csv")) == 2
 
 
+def test_an_interrupt_stops_the_worker_processes_and_starts_no_queued_run(tmp_path):
+    """--jobs: a KeyboardInterrupt in the parent (SIGTERM to it alone, through the CLI's handler)
+    must stop the running runs and cancel the queued ones, not wait for them and run the rest."""
+    import multiprocessing as mp
+
+    from nestsynth.baselines.compare import run_all
+
+    base = C.load(None, ['model="mlp:64-32-16-10"', 'data.dataset="digits"', 'device="cpu"'])
+    quick = plan(base, ["gradual"], [0], tmp_path, [300], 1, DENSE)
+    slow = plan(base, ["gradual"], [0], tmp_path, [700, 1000], 3000, DENSE)  # minutes each if let run
+
+    def interrupt_at_the_first_finished_run(line):
+        if "done" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_all(quick + slow, workers=2, threads=1, tell=interrupt_at_the_first_finished_run)
+    assert [job.size for job, _ in stopped.value.finished] == [300]
+    assert not mp.active_children()  # the worker running a slow job was stopped
+    assert not any((job.run_dir / "report.json").exists() for job in slow)
+
+
 def test_size_overrides_per_method():
     base = C.Config()
     assert size_overrides("nest", 500, 1000, 60, base) == {"pruning": {"target_weights": 500, "budget_epochs": 60},
@@ -196,14 +218,16 @@ def test_merge_curves_keeps_earlier_rows_and_sorts_them(tmp_path):
     assert "1 rows kept" in md and "2.04 ± 0.08" in md
 
 
-def test_join_curves_later_sources_replace_rows_of_the_same_run(tmp_path, monkeypatch):
+def test_joined_curves_later_sources_replace_rows_of_the_same_run(tmp_path, monkeypatch):
     from nestsynth.report.curves import format_curves_csv, read_curves_csv
+
+    from nestsynth.report.curves import join_curve_rows
 
     bench = _bench("join_curves")
     nest, dense = _curve_rows()
     old = [dict(nest, seed=s, test_error=0.03) for s in (0, 1)] + [dict(nest, size=8000, seed=0), dense]
     new = [dict(nest, seed=1, test_error=0.02), dict(nest, method="l0", seed=0)]
-    rows, kept = bench.join([old, new])
+    rows, kept = join_curve_rows([old, new])
     assert kept == [3, 2]
     assert [(r["method"], r["size"], r["seed"], r["test_error"]) for r in rows][:4] == [
         ("nest", 3000, 0, 0.03), ("nest", 3000, 1, 0.02), ("nest", 8000, 0, 0.0209), ("dense", None, 1, rows[3]["test_error"])]

@@ -453,10 +453,10 @@ def _run_batch(jobs, args, out: Path, device: str, write=None):
         return result if dist.is_main else None
     except KeyboardInterrupt as exc:
         if dist.is_main:
-            finished = getattr(exc, "finished", [])
+            finished, failures = getattr(exc, "finished", []), getattr(exc, "failures", [])
             if write is not None and finished:
-                missing = len(jobs) - len(finished) - len(getattr(exc, "failures", []))
-                paths = write(finished, [*exc.failures, f"{missing} of {len(jobs)} runs did not finish "
+                missing = len(jobs) - len(finished) - len(failures)
+                paths = write(finished, [*failures, f"{missing} of {len(jobs)} runs did not finish "
                                          "(stopped; the same command continues them)"])
                 print(f"\nwrote the tables of the {len(finished)} finished runs: {', '.join(map(str, paths))}",
                       file=sys.stderr)
@@ -511,12 +511,14 @@ def cmd_sweep(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"sweep_{key}")
     jobs = plan_sweep(base, key, values, list(range(args.first_seed, args.first_seed + args.seeds)), out)
     title = args.title or f"{base.model} on {base.data.dataset}: {key} sweep, {args.seeds} seeds"
-    batch = _run_batch(jobs, args, out, base.device,
-                       lambda done, failed: write_sweep(done, jobs, key, out, title, failed))
+    def write(done, failed):
+        return write_sweep(done, jobs, key, out, title, failed)
+
+    batch = _run_batch(jobs, args, out, base.device, write)
     if batch is None:
         return 0
     finished, failures = batch
-    paths = write_sweep(finished, jobs, key, out, title, failures)
+    paths = write(finished, failures)
     return _report_batch(paths, failures, len(jobs), paths[0])
 
 

@@ -224,10 +224,13 @@ def run_all(jobs: list[Job], data_dir: str | None = None, workers: int = 1, thre
     try:
         _run_jobs(jobs, data_dir, workers, threads, tell, reports, failures)
     except KeyboardInterrupt as exc:
-        exc.finished = [(j, reports[j.key]) for j in jobs if j.key in reports]
-        exc.failures = failures
+        exc.finished, exc.failures = _in_job_order(jobs, reports), failures
         raise
-    return [(j, reports[j.key]) for j in jobs if j.key in reports], failures
+    return _in_job_order(jobs, reports), failures
+
+
+def _in_job_order(jobs: list[Job], reports: dict) -> list[tuple[Job, dict]]:
+    return [(j, reports[j.key]) for j in jobs if j.key in reports]
 
 
 def _run_jobs(jobs: list[Job], data_dir: str | None, workers: int, threads: int, tell,

@@ -65,6 +65,24 @@ def read_curves_csv(text: str) -> list[dict]:
     return rows
 
 
+def join_curve_rows(sources: list[list[dict]]) -> tuple[list[dict], list[int]]:
+    """The rows of several curves, one per (method, size, seed), a later source's row
+    replacing an earlier one's; methods in first-seen order, then size (dense first) and
+    seed. Also how many rows of each source survived."""
+    rows: dict[tuple, tuple[int, dict]] = {}
+    for i, source in enumerate(sources):
+        for r in source:
+            rows[(r["method"], r["size"], r["seed"])] = (i, r)
+    order = list(dict.fromkeys(r["method"] for source in sources for r in source))
+    kept = [0] * len(sources)
+    for i, _ in rows.values():
+        kept[i] += 1
+    joined = sorted((r for _, r in rows.values()),
+                    key=lambda r: (order.index(r["method"]), r["size"] is not None, r["size"] or 0,
+                                   r["seed"] if r["seed"] is not None else -1))
+    return joined, kept
+
+
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     """Rows grouped by (method, size), methods in first-seen order, sizes ascending."""
     groups: dict[tuple, list[dict]] = {}
